@@ -1,0 +1,199 @@
+//! The command line: `serve`, `check`, `doctor`, `demo`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::logging::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relaygate",
+    version,
+    about = "A reliable, observable gateway for OpenAI-compatible LLM APIs"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "RELAYGATE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Listen address; overrides `server.listen` (use port 0 for any free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a config file and print a summary.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check each upstream step by step: DNS, TCP connect, TLS, then GET /models with its key.
+    Doctor {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run the gateway in front of simulated upstreams: no key, no network.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Config file (TOML).
+    #[arg(long, short = 'c', env = "RELAYGATE_CONFIG")]
+    pub config: PathBuf,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config, listen } => serve(&config.config, listen).await,
+            Command::Check { config } => check(&config.config),
+            Command::Doctor { config } => crate::doctor::run(&config.config).await,
+            Command::Demo(args) => crate::demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: &Path, listen: Option<SocketAddr>) -> Result<ExitCode, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let addr = listen.unwrap_or(config.server.listen);
+    let app = crate::build_app(config).map_err(|e| e.to_string())?;
+    run_server(app, addr).await
+}
+
+/// Binds, prints `relaygate listening on http://ADDR` on stdout, and serves
+/// until SIGTERM or SIGINT, then drains.
+pub async fn run_server(app: crate::App, addr: SocketAddr) -> Result<ExitCode, String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("relaygate listening on http://{local}");
+    tracing::info!(%local, "listening");
+    app.serve(listener, shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check(path: &Path) -> Result<ExitCode, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    println!("{}: OK", path.display());
+    println!("  listen        {}", config.server.listen);
+    println!("  max body      {} bytes", config.server.max_body_bytes);
+    println!(
+        "  shutdown      {}",
+        humantime::format_duration(config.server.shutdown_grace)
+    );
+    println!(
+        "  admin API     {}",
+        if config.admin_key.is_some() {
+            "on"
+        } else {
+            "off (no [admin] key)"
+        }
+    );
+    println!(
+        "  client auth   {}",
+        if config.keys.is_empty() {
+            "OFF (no [[keys]]): any client can use the upstreams".to_owned()
+        } else {
+            format!(
+                "{} key(s): {}",
+                config.keys.len(),
+                names(config.keys.iter().map(|k| k.name.as_str()))
+            )
+        }
+    );
+    println!("  upstreams     {}", config.upstreams.len());
+    for u in &config.upstreams {
+        println!(
+            "    {:<16} {}  key={}  timeouts: connect {} / first byte {} / idle {} / request {}",
+            u.name,
+            u.base_url,
+            if u.api_key.is_some() { "set" } else { "none" },
+            humantime::format_duration(u.connect_timeout),
+            humantime::format_duration(u.first_byte_timeout),
+            humantime::format_duration(u.idle_timeout),
+            humantime::format_duration(u.request_timeout),
+        );
+    }
+    println!("  models        {}", config.models.len());
+    for m in &config.models {
+        let targets = m.targets.iter().map(|t| {
+            format!(
+                "{}:{} (priority {})",
+                config.upstreams[t.upstream].name, t.model, t.priority
+            )
+        });
+        println!(
+            "    {:<16} -> {}{}",
+            m.name,
+            names(targets),
+            if m.price.is_some() { "  [priced]" } else { "" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn names<S: AsRef<str>>(items: impl Iterator<Item = S>) -> String {
+    items.map(|s| s.as_ref().to_owned()).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,251 @@
+//! `relaygate doctor`: the "connection timeout / blocked IP / DNS"
+//! troubleshooting, built in. For each upstream it runs each step on its own
+//! (DNS, TCP connect, TLS handshake, then `GET {base_url}/models` with the
+//! upstream's key) and prints one row with each step's result and latency,
+//! so the failing step is obvious.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::upstream::Upstream;
+
+#[derive(Debug, Clone)]
+pub enum Step {
+    Ok { ms: f64, detail: String },
+    Failed { ms: f64, reason: String },
+    Skipped(&'static str),
+}
+
+impl Step {
+    fn ok(&self) -> bool {
+        !matches!(self, Step::Failed { .. })
+    }
+
+    fn cell(&self) -> String {
+        match self {
+            Step::Ok { ms, detail } if detail.is_empty() => format!("ok {ms:.1}ms"),
+            Step::Ok { ms, detail } => format!("ok {ms:.1}ms ({detail})"),
+            Step::Failed { ms, reason } => format!("FAIL after {ms:.1}ms: {reason}"),
+            Step::Skipped(why) => format!("- ({why})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub upstream: String,
+    pub dns: Step,
+    pub tcp: Step,
+    pub tls: Step,
+    pub models: Step,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        [&self.dns, &self.tcp, &self.tls, &self.models].iter().all(|s| s.ok())
+    }
+}
+
+pub async fn run(path: &Path) -> Result<ExitCode, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let reports = check_all(&config).await;
+    println!(
+        "{:<16} {:<28} {:<28} {:<28} {:<36} RESULT",
+        "UPSTREAM", "DNS", "TCP", "TLS", "GET /models"
+    );
+    for r in &reports {
+        println!(
+            "{:<16} {:<28} {:<28} {:<28} {:<36} {}",
+            r.upstream,
+            r.dns.cell(),
+            r.tcp.cell(),
+            r.tls.cell(),
+            r.models.cell(),
+            if r.ok() { "OK" } else { "FAIL" }
+        );
+    }
+    Ok(if reports.iter().all(Report::ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Checks every upstream concurrently.
+pub async fn check_all(config: &Config) -> Vec<Report> {
+    let checks = config.upstreams.iter().cloned().map(check);
+    futures_util::future::join_all(checks).await
+}
+
+pub async fn check(config: UpstreamConfig) -> Report {
+    let mut report = Report {
+        upstream: config.name.clone(),
+        dns: Step::Skipped("not run"),
+        tcp: Step::Skipped("not run"),
+        tls: Step::Skipped("not run"),
+        models: Step::Skipped("not run"),
+    };
+    let timeout = config.connect_timeout;
+    // base_url was validated as an http(s) URL with a host when the config loaded.
+    let Ok(url) = reqwest::Url::parse(&config.base_url) else {
+        return report;
+    };
+    let host = url.host_str().unwrap_or_default().trim_matches(['[', ']']).to_owned();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let https = url.scheme() == "https";
+
+    let started = Instant::now();
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port))).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                report.dns = failed(started, format!("cannot resolve {host}: {e}"));
+                return report;
+            }
+            Err(_) => {
+                report.dns = failed(started, format!("no answer in {}", humantime::format_duration(timeout)));
+                return report;
+            }
+        };
+    let Some(&addr) = addrs.first() else {
+        report.dns = failed(started, format!("{host} has no addresses"));
+        return report;
+    };
+    report.dns = ok(started, addr.ip().to_string());
+
+    let started = Instant::now();
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            report.tcp = failed(started, format!("{e} (firewall, blocked IP or wrong port?)"));
+            return report;
+        }
+        Err(_) => {
+            report.tcp = failed(
+                started,
+                format!(
+                    "timed out after {} (blocked IP or firewall?)",
+                    humantime::format_duration(timeout)
+                ),
+            );
+            return report;
+        }
+    };
+    report.tcp = ok(started, String::new());
+
+    report.tls = if https {
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, tls_handshake(tcp, &host)).await {
+            Ok(Ok(alpn)) => ok(started, alpn),
+            Ok(Err(e)) => {
+                report.tls = failed(started, e);
+                return report;
+            }
+            Err(_) => {
+                report.tls = failed(started, "handshake timed out".into());
+                return report;
+            }
+        }
+    } else {
+        drop(tcp);
+        Step::Skipped("http")
+    };
+
+    let started = Instant::now();
+    report.models = match Upstream::new(config.clone()) {
+        Err(e) => failed(started, format!("cannot build client: {e}")),
+        Ok(upstream) => {
+            let mut request = upstream.client().get(format!("{}/models", config.base_url));
+            if let Some(auth) = upstream.authorization() {
+                request = request.header(http::header::AUTHORIZATION, auth.clone());
+            }
+            let limit = config.first_byte_timeout.min(Duration::from_secs(30));
+            match tokio::time::timeout(limit, request.send()).await {
+                Err(_) => failed(started, format!("no answer in {}", humantime::format_duration(limit))),
+                Ok(Err(e)) => failed(started, format!("request failed: {}", without_url(&e))),
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    let body = response.bytes().await.unwrap_or_default();
+                    if status.is_success() {
+                        let count = serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["data"].as_array().map(Vec::len));
+                        match count {
+                            Some(n) => ok(started, format!("HTTP {}, {n} models", status.as_u16())),
+                            None => failed(started, format!("HTTP {} but not a model list", status.as_u16())),
+                        }
+                    } else if status.as_u16() == 401 || status.as_u16() == 403 {
+                        failed(
+                            started,
+                            format!(
+                                "HTTP {}: the upstream rejects api_key (rotated or wrong key?)",
+                                status.as_u16()
+                            ),
+                        )
+                    } else {
+                        failed(started, format!("HTTP {}", status.as_u16()))
+                    }
+                }
+            }
+        }
+    };
+    report
+}
+
+async fn tls_handshake(tcp: TcpStream, host: &str) -> Result<String, String> {
+    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("{e} (certificate, SNI or interception problem?)"))?;
+    let (_, session) = stream.get_ref();
+    let alpn = session
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_else(|| "no ALPN".into());
+    let version = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+    Ok(format!("{version} {alpn}").trim().to_owned())
+}
+
+/// reqwest's errors include the URL; the message is enough here.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), "");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn ok(started: Instant, detail: String) -> Step {
+    Step::Ok {
+        ms: started.elapsed().as_secs_f64() * 1000.0,
+        detail,
+    }
+}
+
+fn failed(started: Instant, reason: String) -> Step {
+    Step::Failed {
+        ms: started.elapsed().as_secs_f64() * 1000.0,
+        reason,
+    }
+}

@@ -1,0 +1,355 @@
+//! The Prometheus metrics. Names and labels are a contract (see
+//! docs/metrics.md): dashboards, alert rules and users' queries depend on them.
+//!
+//! Label values come only from config names (models, upstreams) and closed
+//! sets (`Outcome`, `ErrorType`, status codes). A model a client typed that
+//! is not in the config is labelled `other`, so a client cannot create series.
+//!
+//! Each `App` owns its own `Registry`, so several gateways in one test
+//! process do not share counters.
+
+use prometheus::{
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The label for a model or upstream that is not in the config.
+pub const OTHER: &str = "other";
+
+/// How a request ended. A closed set: `relaygate_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    ClientError,
+    UpstreamError,
+    Timeout,
+    RateLimited,
+    CircuitOpen,
+    Overloaded,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::ClientError => "client_error",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::CircuitOpen => "circuit_open",
+            Outcome::Overloaded => "overloaded",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// The outcome of a response relaygate passes through from upstream.
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            200..=399 => Outcome::Success,
+            429 => Outcome::RateLimited,
+            400..=499 => Outcome::ClientError,
+            _ => Outcome::UpstreamError,
+        }
+    }
+}
+
+/// How one upstream attempt ended. A closed set:
+/// `relaygate_upstream_requests_total{error_type}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    None,
+    Connect,
+    Timeout,
+    Reset,
+    ServerError,
+    ClientError,
+    RateLimited,
+    Auth,
+    Malformed,
+    CircuitOpen,
+    Cancelled,
+}
+
+impl ErrorType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::None => "none",
+            ErrorType::Connect => "connect",
+            ErrorType::Timeout => "timeout",
+            ErrorType::Reset => "reset",
+            ErrorType::ServerError => "server_error",
+            ErrorType::ClientError => "client_error",
+            ErrorType::RateLimited => "rate_limited",
+            ErrorType::Auth => "auth",
+            ErrorType::Malformed => "malformed",
+            ErrorType::CircuitOpen => "circuit_open",
+            ErrorType::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn of_status(status: u16) -> ErrorType {
+        match status {
+            200..=399 => ErrorType::None,
+            401 | 403 => ErrorType::Auth,
+            429 => ErrorType::RateLimited,
+            400..=499 => ErrorType::ClientError,
+            _ => ErrorType::ServerError,
+        }
+    }
+}
+
+/// Token kinds: `relaygate_tokens_total{type}`.
+pub const TOKEN_TYPES: [&str; 4] = ["prompt", "completion", "cached_prompt", "reasoning"];
+
+/// Whole-request latency. LLM calls span five orders of magnitude: a cached
+/// or tiny completion in ~50 ms, a typical chat answer in 1-20 s, a long
+/// reasoning stream in minutes. The buckets are dense below 1 s, where the
+/// latency SLO lives (0.12 s is a boundary so that the default 120 ms SLO is
+/// read exactly), and sparse up to 300 s, past which requests time out.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.12, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
+    30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
+];
+
+/// Time to first token: from ~50 ms (hot cache, close relay) to a minute
+/// (reasoning models that think before the first content token).
+const TTFT_BUCKETS: &[f64] = &[
+    0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// Gaps between stream chunks: decoding runs at 10-100 tokens/s, so 10-100 ms
+/// is normal; seconds mean a stall.
+const INTER_TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// relaygate's own time per request: the claim is tens of microseconds, and
+/// anything above a few milliseconds is a bug worth seeing.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub in_flight: IntGauge,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub inter_token: HistogramVec,
+    pub overhead: Histogram,
+    pub tokens: IntCounterVec,
+    pub cost: CounterVec,
+    pub config_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let m = Metrics {
+            requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_requests_total",
+                        "Requests answered, by model, HTTP status and outcome.",
+                    ),
+                    &["model", "status", "outcome"],
+                ),
+            ),
+            request_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "relaygate_request_duration_seconds",
+                        "Whole-request latency, to the last byte sent.",
+                    )
+                    .buckets(REQUEST_BUCKETS.to_vec()),
+                    &["model"],
+                ),
+            ),
+            in_flight: reg(
+                r,
+                IntGauge::new(
+                    "relaygate_in_flight_requests",
+                    "Requests being served now, streams included.",
+                ),
+            ),
+            upstream_requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_upstream_requests_total",
+                        "Upstream attempts, by upstream, HTTP status and error type.",
+                    ),
+                    &["upstream", "status", "error_type"],
+                ),
+            ),
+            upstream_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "relaygate_upstream_duration_seconds",
+                        "Upstream attempt duration, to the last byte received.",
+                    )
+                    .buckets(REQUEST_BUCKETS.to_vec()),
+                    &["upstream"],
+                ),
+            ),
+            ttft: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "relaygate_time_to_first_token_seconds",
+                        "Streams: time from request to the first upstream event.",
+                    )
+                    .buckets(TTFT_BUCKETS.to_vec()),
+                    &["model", "upstream"],
+                ),
+            ),
+            inter_token: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "relaygate_inter_token_seconds",
+                        "Streams: gaps between upstream chunks.",
+                    )
+                    .buckets(INTER_TOKEN_BUCKETS.to_vec()),
+                    &["model", "upstream"],
+                ),
+            ),
+            overhead: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "relaygate_overhead_seconds",
+                        "Time spent inside relaygate per request, upstream wait excluded.",
+                    )
+                    .buckets(OVERHEAD_BUCKETS.to_vec()),
+                ),
+            ),
+            tokens: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_tokens_total",
+                        "Tokens from upstream usage, by type (prompt, completion, cached_prompt, reasoning).",
+                    ),
+                    &["model", "upstream", "type"],
+                ),
+            ),
+            cost: reg(
+                r,
+                CounterVec::new(
+                    Opts::new(
+                        "relaygate_cost_usd_total",
+                        "Cost in USD from the configured price table.",
+                    ),
+                    &["model", "upstream"],
+                ),
+            ),
+            config_reloads: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_config_reloads_total",
+                        "Config reloads, by result (success, error).",
+                    ),
+                    &["result"],
+                ),
+            ),
+            build_info: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("relaygate_build_info", "Always 1; the version is in the label."),
+                    &["version"],
+                ),
+            ),
+            registry,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for result in ["success", "error"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+            let _ = m
+                .registry
+                .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
+        m
+    }
+
+    /// Creates the series of every configured model and its upstreams up
+    /// front, so that dashboards and `rate()` see zeros instead of gaps.
+    pub fn preregister<'a>(&self, routes: impl Iterator<Item = (&'a str, Vec<&'a str>)>) {
+        for (model, upstreams) in routes {
+            self.request_duration.with_label_values(&[model]);
+            for upstream in upstreams {
+                for kind in TOKEN_TYPES {
+                    self.tokens.with_label_values(&[model, upstream, kind]);
+                }
+                self.cost.with_label_values(&[model, upstream]);
+                self.upstream_duration.with_label_values(&[upstream]);
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn cost_counter(&self, model: &str, upstream: &str) -> Counter {
+        self.cost.with_label_values(&[model, upstream])
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: prometheus::Result<C>) -> C {
+    // Names and label sets are constants above; a failure here is a
+    // programming error caught by every test.
+    let c = c.expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_contract_names() {
+        let m = Metrics::new();
+        m.preregister([("deepseek-chat", vec!["holysheep"])].into_iter());
+        m.requests.with_label_values(&["deepseek-chat", "200", "success"]).inc();
+        let text = m.render();
+        for name in [
+            "relaygate_requests_total{model=\"deepseek-chat\",outcome=\"success\",status=\"200\"} 1",
+            "relaygate_request_duration_seconds_bucket{model=\"deepseek-chat\",le=\"0.12\"} 0",
+            "relaygate_in_flight_requests 0",
+            "relaygate_build_info{version=\"",
+            "relaygate_tokens_total{model=\"deepseek-chat\",type=\"cached_prompt\",upstream=\"holysheep\"} 0",
+            "relaygate_config_reloads_total{result=\"error\"} 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

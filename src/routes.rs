@@ -1,0 +1,102 @@
+//! The HTTP surface. Handlers are thin: the proxied path is `proxy::handle`.
+//!
+//! Server layers, outermost first:
+//! 1. `SetRequestId`: takes the client's `x-request-id` or makes one;
+//! 2. `PropagateRequestId`: returns it on every response;
+//! 3. the router: `/v1/*` (proxied), `/health*`, `/metrics`, and a fallback
+//!    that answers unknown paths with OpenAI-shaped 404s.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http::HeaderName;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+
+use crate::app::AppState;
+use crate::error::GatewayError;
+use crate::health;
+use crate::proxy;
+use crate::request::Endpoint;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/health", get(health::summary))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeId))
+                .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone())),
+        )
+}
+
+async fn chat_completions(State(state): State<AppState>, req: Request) -> Response {
+    proxy::handle(state, Endpoint::ChatCompletions, req).await
+}
+
+async fn completions(State(state): State<AppState>, req: Request) -> Response {
+    proxy::handle(state, Endpoint::Completions, req).await
+}
+
+async fn embeddings(State(state): State<AppState>, req: Request) -> Response {
+    proxy::handle(state, Endpoint::Embeddings, req).await
+}
+
+/// Answered from the config, in OpenAI's list format; needs a client key
+/// like every `/v1` endpoint.
+async fn models(State(state): State<AppState>, req: Request) -> Response {
+    let runtime = state.runtime();
+    if let Err(e) = runtime.keys.authenticate(req.headers()) {
+        return e.into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        runtime.models_json.clone(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    GatewayError::NotFound {
+        method: method.to_string(),
+        path: crate::error::clip(uri.path()),
+    }
+    .into_response()
+}
+
+/// Request ids: 16 random bytes as hex, like OpenAI's `req_…` ids but
+/// without a UUID dependency. A client-sent id is kept only when it is a
+/// short, printable token, so logs cannot be fed arbitrary data.
+#[derive(Clone, Copy)]
+struct MakeId;
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
+        let id = format!("req_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
+}

@@ -1,0 +1,527 @@
+//! The simulated OpenAI-compatible upstream, used by `relaygate demo` and by
+//! every test: one implementation, with fault knobs that can be changed while
+//! it runs.
+//!
+//! It answers `POST /v1/chat/completions` (JSON and SSE, with `usage`),
+//! `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`, and it
+//! counts what it saw (requests, streams opened, completed and cancelled by
+//! the peer) so tests can assert upstream behaviour, not only responses.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+/// Fault knobs. The default is a healthy, instant upstream.
+#[derive(Debug, Clone)]
+pub struct Faults {
+    /// Answer this status, with an OpenAI error body, instead of a completion.
+    pub status: Option<u16>,
+    /// Apply `status` only to the next N requests, then answer normally.
+    pub status_times: Option<u64>,
+    /// `Retry-After` header sent with `status`.
+    pub retry_after: Option<String>,
+    /// Share of requests (0.0-1.0) answered with a random 500/502/503.
+    pub error_rate: f64,
+    /// Delay before the response headers.
+    pub header_delay: Duration,
+    /// Extra random delay before the headers, uniform in `[0, latency_jitter)`.
+    pub latency_jitter: Duration,
+    /// Gap between stream chunks.
+    pub chunk_interval: Duration,
+    /// Content chunks per stream (and words per answer).
+    pub chunks: usize,
+    /// After this many content chunks, hang until `Sim::release`.
+    pub stall_after: Option<usize>,
+    /// After this many content chunks, abort the connection.
+    pub reset_after: Option<usize>,
+    /// Answer 200 with a body that is not JSON (or, for streams, not SSE).
+    pub garbage_body: bool,
+    /// Send every SSE event in two writes, split inside its JSON.
+    pub split_events: bool,
+    /// Cached prompt tokens reported in `usage`.
+    pub cached_tokens: u64,
+    /// Require this bearer key (401 otherwise).
+    pub require_key: Option<String>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            status: None,
+            status_times: None,
+            retry_after: None,
+            error_rate: 0.0,
+            header_delay: Duration::ZERO,
+            latency_jitter: Duration::ZERO,
+            chunk_interval: Duration::ZERO,
+            chunks: 5,
+            stall_after: None,
+            reset_after: None,
+            garbage_body: false,
+            split_events: false,
+            cached_tokens: 0,
+            require_key: None,
+        }
+    }
+}
+
+/// What the simulator has seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub requests: u64,
+    pub streams_opened: u64,
+    pub streams_completed: u64,
+    /// Streams whose body was dropped before the end: the peer went away.
+    pub streams_cancelled: u64,
+    /// Non-stream requests dropped before the response: the peer went away.
+    pub requests_cancelled: u64,
+    /// Content chunks written so far, over all streams.
+    pub chunks_sent: u64,
+}
+
+/// The last request received, for header and body assertions.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+struct Inner {
+    name: String,
+    faults: Mutex<Faults>,
+    last: Mutex<Option<Captured>>,
+    release: watch::Sender<bool>,
+    requests: AtomicU64,
+    streams_opened: AtomicU64,
+    streams_completed: AtomicU64,
+    streams_cancelled: AtomicU64,
+    requests_cancelled: AtomicU64,
+    chunks_sent: AtomicU64,
+}
+
+/// A running simulated upstream on `127.0.0.1:<ephemeral>`. Stops when dropped.
+pub struct Sim {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Sim {
+    pub async fn start(name: &str, faults: Faults) -> io::Result<Sim> {
+        Self::start_on("127.0.0.1:0".parse().expect("valid address"), name, faults).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, name: &str, faults: Faults) -> io::Result<Sim> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            name: name.to_owned(),
+            faults: Mutex::new(faults),
+            last: Mutex::new(None),
+            release: watch::channel(false).0,
+            requests: AtomicU64::new(0),
+            streams_opened: AtomicU64::new(0),
+            streams_completed: AtomicU64::new(0),
+            streams_cancelled: AtomicU64::new(0),
+            requests_cancelled: AtomicU64::new(0),
+            chunks_sent: AtomicU64::new(0),
+        });
+        let router = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/models", get(models))
+            .with_state(inner.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Sim {
+            addr,
+            inner,
+            _stop: stop,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>/v1`, the value for `upstreams.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.inner.faults.lock().expect("sim lock").clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.inner.faults.lock().expect("sim lock") = faults;
+    }
+
+    pub fn update(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.inner.faults.lock().expect("sim lock"));
+    }
+
+    /// Lets stalled streams (`stall_after`) continue.
+    pub fn release(&self) {
+        self.inner.release.send_replace(true);
+    }
+
+    pub fn stats(&self) -> Stats {
+        let i = &self.inner;
+        Stats {
+            requests: i.requests.load(Ordering::SeqCst),
+            streams_opened: i.streams_opened.load(Ordering::SeqCst),
+            streams_completed: i.streams_completed.load(Ordering::SeqCst),
+            streams_cancelled: i.streams_cancelled.load(Ordering::SeqCst),
+            requests_cancelled: i.requests_cancelled.load(Ordering::SeqCst),
+            chunks_sent: i.chunks_sent.load(Ordering::SeqCst),
+        }
+    }
+
+    pub fn last_request(&self) -> Option<Captured> {
+        self.inner.last.lock().expect("sim lock").clone()
+    }
+}
+
+const WORDS: [&str; 8] = [
+    "Hello",
+    " from",
+    " the",
+    " relaygate",
+    " simulated",
+    " upstream",
+    ".",
+    " Bye",
+];
+
+fn answer(chunks: usize) -> String {
+    (0..chunks).map(|i| WORDS[i % WORDS.len()]).collect()
+}
+
+/// Counts a non-stream request as cancelled if it is dropped unanswered.
+struct Pending<'a>(&'a Inner, bool);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.requests_cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Common start of every POST: capture, check the key, apply the delay and
+/// the status faults. `Err` is the response to send instead of an answer.
+async fn prologue(inner: &Inner, req: Request) -> Result<(Faults, Value), Response> {
+    inner.requests.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
+    *inner.last.lock().expect("sim lock") = Some(Captured {
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let faults = {
+        let mut f = inner.faults.lock().expect("sim lock");
+        let snapshot = f.clone();
+        if f.status.is_some() {
+            if let Some(n) = f.status_times.as_mut() {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    f.status = None;
+                    f.status_times = None;
+                }
+            }
+        }
+        snapshot
+    };
+
+    let mut pending = Pending(inner, false);
+    let jitter = if faults.latency_jitter.is_zero() {
+        Duration::ZERO
+    } else {
+        faults.latency_jitter.mul_f64(fastrand::f64())
+    };
+    if !(faults.header_delay + jitter).is_zero() {
+        tokio::time::sleep(faults.header_delay + jitter).await;
+    }
+    pending.1 = true;
+
+    if let Some(key) = &faults.require_key {
+        let expected = format!("Bearer {key}");
+        if parts.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            return Err(error(401, "invalid_api_key", "Incorrect API key provided.", None));
+        }
+    }
+    if let Some(status) = faults.status {
+        return Err(error(
+            status,
+            "simulated",
+            "simulated failure",
+            faults.retry_after.as_deref(),
+        ));
+    }
+    if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
+        let status = [500, 502, 503][fastrand::usize(..3)];
+        return Err(error(status, "simulated", "simulated random failure", None));
+    }
+    if faults.garbage_body {
+        return Err((
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            "<html><body>upstream proxy error</body></html>",
+        )
+            .into_response());
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if !request.is_object() {
+        return Err(error(400, "invalid_request", "body is not a JSON object", None));
+    }
+    Ok((faults, request))
+}
+
+fn error(status: u16, code: &str, message: &str, retry_after: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = json!({ "error": { "message": message, "type": "server_error", "code": code } });
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(v).ok()) {
+        response.headers_mut().insert("retry-after", v);
+    }
+    response
+}
+
+fn usage(request: &Value, completion: usize, cached: u64) -> Value {
+    let prompt = (request["messages"].to_string().len() / 4).max(1) as u64;
+    let cached = cached.min(prompt);
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion as u64,
+        "prompt_tokens_details": { "cached_tokens": cached },
+        "prompt_cache_hit_tokens": cached,
+        "prompt_cache_miss_tokens": prompt - cached,
+    })
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn chat(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let (faults, request) = match prologue(&inner, req).await {
+        Ok(v) => v,
+        Err(response) => return response,
+    };
+    let model = request["model"].as_str().unwrap_or("unknown").to_owned();
+    let id = format!("chatcmpl-{}-{:x}", inner.name, fastrand::u64(..));
+    if request["stream"].as_bool() == Some(true) {
+        let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
+        return stream(inner.clone(), faults, request, model, id, include_usage);
+    }
+    let content = answer(faults.chunks);
+    axum::Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
+        "usage": usage(&request, faults.chunks, faults.cached_tokens),
+        "system_fingerprint": "fp_relaygate_sim",
+    }))
+    .into_response()
+}
+
+/// Tracks one stream; counts it as cancelled if the body is dropped early.
+struct StreamGuard {
+    inner: Arc<Inner>,
+    done: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let counter = if self.done {
+            &self.inner.streams_completed
+        } else {
+            &self.inner.streams_cancelled
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn stream(
+    inner: Arc<Inner>,
+    faults: Faults,
+    request: Value,
+    model: String,
+    id: String,
+    include_usage: bool,
+) -> Response {
+    inner.streams_opened.fetch_add(1, Ordering::SeqCst);
+    let created = now();
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "fp_relaygate_sim",
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+        })
+    };
+    // Events in order; `Some(n)` marks the n-th content chunk (1-based).
+    let mut events: Vec<(Option<usize>, String)> = Vec::with_capacity(faults.chunks + 4);
+    events.push((
+        None,
+        sse(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null)),
+    ));
+    for i in 0..faults.chunks {
+        let word = WORDS[i % WORDS.len()];
+        events.push((Some(i + 1), sse(&chunk(json!({ "content": word }), Value::Null))));
+    }
+    events.push((None, sse(&chunk(json!({}), json!("stop")))));
+    if include_usage {
+        let u = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage(&request, faults.chunks, faults.cached_tokens),
+        });
+        events.push((None, sse(&u)));
+    }
+    events.push((None, "data: [DONE]\n\n".to_owned()));
+
+    if faults.garbage_body {
+        events = vec![(None, "this is not server-sent events\n".to_owned())];
+    }
+
+    let release = inner.release.subscribe();
+    let guard = StreamGuard { inner, done: false };
+    let state = (events.into_iter(), guard, faults, release, None::<Bytes>, true);
+    let body = futures_util::stream::unfold(
+        state,
+        |(mut events, mut guard, faults, mut release, pending, first)| async move {
+            if let Some(rest) = pending {
+                tokio::time::sleep(faults.chunk_interval.max(Duration::from_millis(1))).await;
+                return Some((Ok::<_, io::Error>(rest), (events, guard, faults, release, None, false)));
+            }
+            let Some((content_index, event)) = events.next() else {
+                guard.done = true;
+                drop(guard);
+                return None;
+            };
+            if !first && !faults.chunk_interval.is_zero() {
+                tokio::time::sleep(faults.chunk_interval).await;
+            }
+            if let Some(n) = content_index {
+                if faults.reset_after.is_some_and(|limit| n > limit) {
+                    return Some((
+                        Err(io::Error::new(io::ErrorKind::ConnectionReset, "simulated reset")),
+                        (events, guard, faults, release, None, false),
+                    ));
+                }
+                if faults.stall_after.is_some_and(|limit| n > limit) {
+                    let _ = release.wait_for(|released| *released).await;
+                }
+                guard.inner.chunks_sent.fetch_add(1, Ordering::SeqCst);
+            }
+            let bytes = Bytes::from(event);
+            if faults.split_events && bytes.len() > 4 {
+                let mid = bytes.len() / 2;
+                let head = bytes.slice(..mid);
+                let tail = bytes.slice(mid..);
+                return Some((Ok(head), (events, guard, faults, release, Some(tail), false)));
+            }
+            Some((Ok(bytes), (events, guard, faults, release, None, false)))
+        },
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn sse(value: &Value) -> String {
+    format!("data: {value}\n\n")
+}
+
+async fn completions(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let (faults, request) = match prologue(&inner, req).await {
+        Ok(v) => v,
+        Err(response) => return response,
+    };
+    axum::Json(json!({
+        "id": format!("cmpl-{:x}", fastrand::u64(..)),
+        "object": "text_completion",
+        "created": now(),
+        "model": request["model"],
+        "choices": [{ "index": 0, "text": answer(faults.chunks), "finish_reason": "stop", "logprobs": null }],
+        "usage": usage(&request, faults.chunks, faults.cached_tokens),
+    }))
+    .into_response()
+}
+
+async fn embeddings(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let (_faults, request) = match prologue(&inner, req).await {
+        Ok(v) => v,
+        Err(response) => return response,
+    };
+    let inputs = match &request["input"] {
+        Value::Array(items) => items.len().max(1),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({ "object": "embedding", "index": i, "embedding": [0.1, -0.2, 0.3, 0.0, 0.5, -0.6, 0.7, 0.8] }))
+        .collect();
+    axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": request["model"],
+        "usage": { "prompt_tokens": 4 * inputs, "total_tokens": 4 * inputs },
+    }))
+    .into_response()
+}
+
+async fn models(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    inner.requests.fetch_add(1, Ordering::SeqCst);
+    let required = inner.faults.lock().expect("sim lock").require_key.clone();
+    if let Some(key) = required {
+        let expected = format!("Bearer {key}");
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            return error(401, "invalid_api_key", "Incorrect API key provided.", None);
+        }
+    }
+    axum::Json(json!({
+        "object": "list",
+        "data": [
+            { "id": "deepseek-chat", "object": "model", "created": 0, "owned_by": inner.name },
+            { "id": "deepseek-reasoner", "object": "model", "created": 0, "owned_by": inner.name },
+        ],
+    }))
+    .into_response()
+}

@@ -1,0 +1,256 @@
+//! SSE pass-through.
+//!
+//! Bytes go to the client exactly as the upstream sent them, but only in
+//! whole events: a partial event is held until its blank line arrives. That
+//! costs nothing in latency (a client cannot act on half an event) and it
+//! means that when a stream breaks, the error event relaygate appends starts
+//! on an event boundary and is never glued to half a JSON chunk.
+//!
+//! There is no channel between upstream and client: the client's body pulls
+//! from the upstream body, so a slow reader applies TCP backpressure to the
+//! upstream instead of growing a buffer. The only buffer is one partial
+//! event, bounded by `MAX_EVENT_BYTES`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+use crate::error::{GatewayError, TimeoutKind};
+use crate::observe::RequestRecord;
+use crate::usage::{self, Usage};
+
+/// Longest single SSE event accepted. Chat chunks are hundreds of bytes; a
+/// megabyte without a blank line is a broken or hostile upstream.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// The upstream's body failed mid-way (reset, protocol error).
+#[derive(Debug)]
+pub struct BodyError;
+
+pub type ByteStream = BoxStream<'static, Result<Bytes, BodyError>>;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// The connection broke mid-stream.
+    Reset,
+    /// An event grew past `MAX_EVENT_BYTES`.
+    EventTooLarge,
+    /// The upstream closed cleanly in the middle of an event.
+    Truncated,
+}
+
+/// Reads an upstream SSE body in batches of complete events.
+pub struct SseReader {
+    upstream: ByteStream,
+    buf: BytesMut,
+}
+
+impl SseReader {
+    pub fn new(upstream: ByteStream) -> Self {
+        Self {
+            upstream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next run of complete events, or `None` at a clean end of stream.
+    /// Cancel-safe: bytes already read stay in the buffer if the future is
+    /// dropped (as it is when a timeout fires).
+    pub async fn next_batch(&mut self) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            match self.upstream.next().await {
+                Some(Ok(chunk)) => {
+                    let scan_from = self.buf.len().saturating_sub(3);
+                    self.buf.extend_from_slice(&chunk);
+                    if let Some(end) = last_event_end(&self.buf, scan_from) {
+                        return Ok(Some(self.buf.split_to(end).freeze()));
+                    }
+                    if self.buf.len() > MAX_EVENT_BYTES {
+                        return Err(ReadError::EventTooLarge);
+                    }
+                }
+                Some(Err(BodyError)) => return Err(ReadError::Reset),
+                None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
+                None => return Err(ReadError::Truncated),
+            }
+        }
+    }
+}
+
+/// The end (exclusive) of the last complete event in `buf`, looking for the
+/// blank line at or after `from`. SSE allows LF, CRLF and CR line endings.
+pub fn last_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = buf.len();
+    while i >= 2 && i >= from + 2 {
+        let w = &buf[..i];
+        if w.ends_with(b"\n\n") || w.ends_with(b"\r\r") || w.ends_with(b"\r\n\r\n") {
+            return Some(i);
+        }
+        i -= 1;
+    }
+    None
+}
+
+/// What one batch of events says about the stream.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// `data: [DONE]` was seen.
+    pub done: bool,
+    /// The last usage object in the batch.
+    pub usage: Option<Usage>,
+}
+
+/// Reads the `data:` lines of a batch of complete events. Only lines that
+/// mention `"usage"` are parsed as JSON, so ordinary chunks cost a scan.
+pub fn inspect(batch: &[u8]) -> BatchInfo {
+    let mut info = BatchInfo::default();
+    for line in batch.split(|&b| b == b'\n' || b == b'\r') {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" {
+            info.done = true;
+        } else if contains(data, b"\"usage\"") {
+            if let Ok(Some(u)) = usage::from_json(data) {
+                info.usage = Some(u);
+            }
+        }
+    }
+    info
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The client's response body for a stream whose first batch has already
+/// been read. Every later batch must arrive within `idle` of the previous
+/// one, and the whole stream within `deadline`. Any failure ends the body
+/// with one SSE error event and no `[DONE]`.
+pub fn forward(reader: SseReader, first: Bytes, idle: Duration, deadline: Instant, record: RequestRecord) -> Body {
+    struct State {
+        reader: SseReader,
+        pending: Option<Bytes>,
+        idle: Duration,
+        deadline: Instant,
+        upstream: String,
+        record: Option<RequestRecord>,
+    }
+    let state = State {
+        reader,
+        pending: Some(first),
+        idle,
+        deadline,
+        upstream: record.upstream_name(),
+        record: Some(record),
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        let record = st.record.as_mut()?;
+        if let Some(first) = st.pending.take() {
+            record.on_stream_batch(&first);
+            return Some((Ok::<_, Infallible>(first), st));
+        }
+        let idle_at = (Instant::now() + st.idle).min(st.deadline);
+        let error = match tokio::time::timeout_at(idle_at, st.reader.next_batch()).await {
+            Ok(Ok(Some(batch))) => {
+                record.on_stream_batch(&batch);
+                return Some((Ok(batch), st));
+            }
+            Ok(Ok(None)) if record.saw_done() => {
+                st.record.take()?.finish_stream(None);
+                return None;
+            }
+            Ok(Ok(None)) | Ok(Err(ReadError::Truncated)) => GatewayError::UpstreamMalformed {
+                upstream: st.upstream.clone(),
+                detail: "the stream ended without [DONE]",
+            },
+            Ok(Err(ReadError::EventTooLarge)) => GatewayError::UpstreamMalformed {
+                upstream: st.upstream.clone(),
+                detail: "an SSE event exceeded 1 MiB",
+            },
+            Ok(Err(ReadError::Reset)) => GatewayError::UpstreamReset {
+                upstream: st.upstream.clone(),
+            },
+            Err(_elapsed) => GatewayError::UpstreamTimeout {
+                upstream: st.upstream.clone(),
+                kind: if idle_at < st.deadline {
+                    TimeoutKind::Idle
+                } else {
+                    TimeoutKind::Request
+                },
+            },
+        };
+        let event = error.sse_event();
+        st.record.take()?.finish_stream(Some(&error));
+        Some((Ok(event), st))
+    });
+    Body::from_stream(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(chunks: Vec<Result<&'static [u8], BodyError>>) -> SseReader {
+        let items: Vec<Result<Bytes, BodyError>> = chunks.into_iter().map(|c| c.map(Bytes::from_static)).collect();
+        SseReader::new(futures_util::stream::iter(items).boxed())
+    }
+
+    #[test]
+    fn boundaries() {
+        assert_eq!(last_event_end(b"data: a\n\ndata: b", 0), Some(9));
+        assert_eq!(last_event_end(b"data: a\n\ndata: b\n\n", 0), Some(18));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n", 0), Some(11));
+        assert_eq!(last_event_end(b"data: a\r\rx", 0), Some(9));
+        assert_eq!(last_event_end(b"data: a\n", 0), None);
+        assert_eq!(last_event_end(b"", 0), None);
+    }
+
+    #[tokio::test]
+    async fn batches_only_whole_events_across_chunk_splits() {
+        let mut r = reader(vec![
+            Ok(b"data: {\"a\""),
+            Ok(b":1}\n"),
+            Ok(b"\ndata: {\"b\":2}\n\nda"),
+            Ok(b"ta: [DONE]\n\n"),
+        ]);
+        assert_eq!(
+            r.next_batch().await.unwrap().unwrap(),
+            &b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n"[..]
+        );
+        assert_eq!(r.next_batch().await.unwrap().unwrap(), &b"data: [DONE]\n\n"[..]);
+        assert_eq!(r.next_batch().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn reports_resets_and_truncation() {
+        let mut r = reader(vec![Ok(b"data: 1\n\n"), Err(BodyError)]);
+        assert!(r.next_batch().await.unwrap().is_some());
+        assert_eq!(r.next_batch().await.unwrap_err(), ReadError::Reset);
+        let mut r = reader(vec![Ok(b"data: {\"half")]);
+        assert_eq!(r.next_batch().await.unwrap_err(), ReadError::Truncated);
+    }
+
+    #[tokio::test]
+    async fn bounds_a_single_event() {
+        let big: &'static [u8] = Box::leak(vec![b'x'; MAX_EVENT_BYTES + 1].into_boxed_slice());
+        let mut r = reader(vec![Ok(big)]);
+        assert_eq!(r.next_batch().await.unwrap_err(), ReadError::EventTooLarge);
+    }
+
+    #[test]
+    fn inspect_finds_done_and_usage() {
+        let batch = b"data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
+        let info = inspect(batch);
+        assert!(info.done);
+        assert_eq!(info.usage.unwrap().completion, 4);
+        assert_eq!(inspect(b"data: {\"x\":1}\n\n"), BatchInfo::default());
+    }
+}

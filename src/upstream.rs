@@ -1,0 +1,399 @@
+//! The upstream client: one pooled `reqwest::Client` per upstream, and one
+//! attempt = one HTTP exchange, with its first-byte and total deadlines.
+//!
+//! An attempt ends in one of two ways:
+//! - `Reply::Full`: a complete, buffered body (JSON answers and all errors);
+//! - `Reply::Stream`: SSE whose first whole event has already arrived. A
+//!   stream is committed only then, so everything before it (connect errors,
+//!   bad statuses, a silent upstream) is still an ordinary attempt failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::time::Instant;
+
+use crate::config::UpstreamConfig;
+use crate::error::{GatewayError, TimeoutKind};
+use crate::metrics::ErrorType;
+use crate::request::Endpoint;
+use crate::streaming::{BodyError, ReadError, SseReader};
+use crate::usage::{self, Usage};
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    client: reqwest::Client,
+    /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
+    authorization: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request to send upstream.
+pub struct Attempt {
+    pub endpoint: Endpoint,
+    pub body: Bytes,
+    /// Client headers that may be forwarded (see `forwardable_headers`).
+    pub headers: HeaderMap,
+    pub stream: bool,
+    /// Covers this attempt and everything after it (`request_timeout`).
+    pub deadline: Instant,
+}
+
+pub enum Reply {
+    Full {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        usage: Option<Usage>,
+    },
+    Stream {
+        status: StatusCode,
+        headers: HeaderMap,
+        first: Bytes,
+        reader: SseReader,
+    },
+}
+
+/// A failed attempt: the error the client would see, and how to count it.
+#[derive(Debug)]
+pub struct AttemptError {
+    pub error: GatewayError,
+    pub error_type: ErrorType,
+    pub status: Option<u16>,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_while_idle(true)
+            // Redirects to another host would leak the upstream key.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("relaygate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let authorization = config.api_key.as_ref().and_then(|k| {
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose())).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        Ok(Self {
+            name: Arc::from(config.name.as_str()),
+            config,
+            client,
+            authorization,
+        })
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
+    }
+
+    /// Sends one attempt and reads it up to the point where it can no longer
+    /// fail over: the whole body, or a stream's first event.
+    pub async fn send(&self, attempt: Attempt, max_response_bytes: usize) -> Result<Reply, AttemptError> {
+        let first_byte_at = (Instant::now() + self.config.first_byte_timeout).min(attempt.deadline);
+        let timeout_kind = |at: Instant| {
+            if at < attempt.deadline {
+                TimeoutKind::FirstByte
+            } else {
+                TimeoutKind::Request
+            }
+        };
+
+        let url = format!("{}{}", self.config.base_url, attempt.endpoint.upstream_path());
+        let mut request = self
+            .client
+            .post(url)
+            .headers(attempt.headers)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(attempt.body);
+        if let Some(auth) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, auth.clone());
+        }
+
+        let response = match tokio::time::timeout_at(first_byte_at, request.send()).await {
+            Err(_) => return Err(self.timeout(timeout_kind(first_byte_at), None)),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(self.fail(
+                    GatewayError::UpstreamConnect { upstream: self.name() },
+                    ErrorType::Connect,
+                    None,
+                ))
+            }
+            Ok(Err(_)) => {
+                return Err(self.fail(
+                    GatewayError::UpstreamReset { upstream: self.name() },
+                    ErrorType::Reset,
+                    None,
+                ))
+            }
+            Ok(Ok(r)) => r,
+        };
+
+        let status = response.status();
+        let headers = response_headers(response.headers());
+        let is_sse = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut body = response.bytes_stream().map(|r| r.map_err(|_| BodyError)).boxed();
+
+        if attempt.stream && status.is_success() && is_sse {
+            let mut reader = SseReader::new(body);
+            return match tokio::time::timeout_at(first_byte_at, reader.next_batch()).await {
+                Err(_) => Err(self.timeout(timeout_kind(first_byte_at), Some(status.as_u16()))),
+                Ok(Ok(Some(first))) => Ok(Reply::Stream {
+                    status,
+                    headers,
+                    first,
+                    reader,
+                }),
+                Ok(Ok(None)) | Ok(Err(ReadError::Truncated)) | Ok(Err(ReadError::EventTooLarge)) => Err(self.fail(
+                    GatewayError::UpstreamMalformed {
+                        upstream: self.name(),
+                        detail: "the stream ended before its first event",
+                    },
+                    ErrorType::Malformed,
+                    Some(status.as_u16()),
+                )),
+                Ok(Err(ReadError::Reset)) => Err(self.fail(
+                    GatewayError::UpstreamReset { upstream: self.name() },
+                    ErrorType::Reset,
+                    Some(status.as_u16()),
+                )),
+            };
+        }
+
+        // A buffered body: bounded in size, and by idle gaps and the deadline.
+        let mut buf = BytesMut::new();
+        loop {
+            let idle_at = (Instant::now() + self.config.idle_timeout).min(attempt.deadline);
+            match tokio::time::timeout_at(idle_at, body.next()).await {
+                Err(_) => {
+                    let kind = if idle_at < attempt.deadline {
+                        TimeoutKind::Idle
+                    } else {
+                        TimeoutKind::Request
+                    };
+                    return Err(self.timeout(kind, Some(status.as_u16())));
+                }
+                Ok(Some(Ok(chunk))) => {
+                    if buf.len() + chunk.len() > max_response_bytes {
+                        return Err(self.fail(
+                            GatewayError::UpstreamMalformed {
+                                upstream: self.name(),
+                                detail: "the response is larger than server.max_response_bytes",
+                            },
+                            ErrorType::Malformed,
+                            Some(status.as_u16()),
+                        ));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(Some(Err(BodyError))) => {
+                    return Err(self.fail(
+                        GatewayError::UpstreamReset { upstream: self.name() },
+                        ErrorType::Reset,
+                        Some(status.as_u16()),
+                    ))
+                }
+                Ok(None) => break,
+            }
+        }
+        let body = buf.freeze();
+        let parsed = usage::from_json(&body);
+
+        if status.is_success() {
+            return match parsed {
+                Ok(usage) => Ok(Reply::Full {
+                    status,
+                    headers,
+                    body,
+                    usage,
+                }),
+                Err(_) => Err(self.fail(
+                    GatewayError::UpstreamMalformed {
+                        upstream: self.name(),
+                        detail: "the body is not JSON",
+                    },
+                    ErrorType::Malformed,
+                    Some(status.as_u16()),
+                )),
+            };
+        }
+        let error_type = ErrorType::of_status(status.as_u16());
+        if error_type == ErrorType::Auth {
+            tracing::warn!(
+                upstream = %self.name,
+                status = status.as_u16(),
+                "upstream rejected relaygate's credentials: check upstreams.api_key for this upstream"
+            );
+        }
+        if status.is_client_error() || parsed.is_ok() {
+            // Upstream 4xx, and 5xx with a JSON error body, pass through as
+            // sent; the caller classifies them by status.
+            return Ok(Reply::Full {
+                status,
+                headers,
+                body,
+                usage: None,
+            });
+        }
+        // A 5xx with an HTML or empty body: replace it with an OpenAI-shaped 502.
+        Err(self.fail(
+            GatewayError::UpstreamStatus {
+                upstream: self.name(),
+                status: status.as_u16(),
+            },
+            error_type,
+            Some(status.as_u16()),
+        ))
+    }
+
+    fn name(&self) -> String {
+        self.name.to_string()
+    }
+
+    fn fail(&self, error: GatewayError, error_type: ErrorType, status: Option<u16>) -> AttemptError {
+        AttemptError {
+            error,
+            error_type,
+            status,
+        }
+    }
+
+    fn timeout(&self, kind: TimeoutKind, status: Option<u16>) -> AttemptError {
+        self.fail(
+            GatewayError::UpstreamTimeout {
+                upstream: self.name(),
+                kind,
+            },
+            ErrorType::Timeout,
+            status,
+        )
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_hop_by_hop(name: &HeaderName, connection: Option<&HeaderValue>) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+        || connection
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(name.as_str())))
+}
+
+/// Client headers to send upstream: everything but hop-by-hop headers, the
+/// client's credentials (the upstream key is injected instead), and headers
+/// relaygate sets itself.
+pub fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
+    let connection = client.get(header::CONNECTION);
+    let mut out = HeaderMap::with_capacity(client.len());
+    for (name, value) in client {
+        let drop = is_hop_by_hop(name, connection)
+            || matches!(
+                name.as_str(),
+                "authorization"
+                    | "api-key"
+                    | "x-api-key"
+                    | "cookie"
+                    | "host"
+                    | "content-length"
+                    | "content-type"
+                    | "accept-encoding"
+                    | "user-agent"
+                    | "expect"
+            );
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Upstream response headers to pass to the client: everything but
+/// hop-by-hop headers, the length (the server recomputes it), cookies (the
+/// relay's session is not the app's), and the upstream's request id, which
+/// is kept as `x-upstream-request-id` because relaygate sets its own.
+fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let connection = upstream.get(header::CONNECTION);
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (name, value) in upstream {
+        if is_hop_by_hop(name, connection)
+            || matches!(
+                name.as_str(),
+                "content-length" | "set-cookie" | "date" | "server" | "alt-svc"
+            )
+        {
+            continue;
+        }
+        if name == "x-request-id" {
+            out.insert(HeaderName::from_static("x-upstream-request-id"), value.clone());
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_credentials_and_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer client-secret"));
+        h.insert("x-api-key", HeaderValue::from_static("client-secret"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-custom-hop"));
+        h.insert("x-custom-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("openai-beta", HeaderValue::from_static("assistants=v2"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        let out = forwardable_headers(&h);
+        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["openai-beta", "x-request-id"]);
+    }
+
+    #[test]
+    fn response_headers_keep_rate_limit_info() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("9"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("set-cookie", HeaderValue::from_static("__cf_bm=1"));
+        h.insert("x-request-id", HeaderValue::from_static("up-1"));
+        let out = response_headers(&h);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out["x-upstream-request-id"], "up-1");
+        assert!(out.contains_key("x-ratelimit-remaining-requests"));
+    }
+}
