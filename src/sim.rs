@@ -103,6 +103,8 @@ struct Inner {
     name: String,
     faults: Mutex<Faults>,
     last: Mutex<Option<Captured>>,
+    /// Every byte of the most recent stream, as written.
+    last_stream: Mutex<Vec<u8>>,
     release: watch::Sender<bool>,
     requests: AtomicU64,
     streams_opened: AtomicU64,
@@ -131,6 +133,7 @@ impl Sim {
             name: name.to_owned(),
             faults: Mutex::new(faults),
             last: Mutex::new(None),
+            last_stream: Mutex::new(Vec::new()),
             release: watch::channel(false).0,
             requests: AtomicU64::new(0),
             streams_opened: AtomicU64::new(0),
@@ -203,6 +206,11 @@ impl Sim {
             requests_cancelled: i.requests_cancelled.load(Ordering::SeqCst),
             chunks_sent: i.chunks_sent.load(Ordering::SeqCst),
         }
+    }
+
+    /// The bytes of the most recent stream, exactly as written to the socket.
+    pub fn last_stream_bytes(&self) -> Vec<u8> {
+        self.inner.last_stream.lock().expect("sim lock").clone()
     }
 
     pub fn last_request(&self) -> Option<Captured> {
@@ -366,6 +374,16 @@ struct StreamGuard {
     done: bool,
 }
 
+impl StreamGuard {
+    fn record(&self, bytes: &[u8]) {
+        self.inner
+            .last_stream
+            .lock()
+            .expect("sim lock")
+            .extend_from_slice(bytes);
+    }
+}
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let counter = if self.done {
@@ -386,6 +404,7 @@ fn stream(
     include_usage: bool,
 ) -> Response {
     inner.streams_opened.fetch_add(1, Ordering::SeqCst);
+    inner.last_stream.lock().expect("sim lock").clear();
     let created = now();
     let chunk = |delta: Value, finish: Value| {
         json!({
@@ -426,6 +445,7 @@ fn stream(
         |(mut events, mut guard, faults, mut release, pending, first)| async move {
             if let Some(rest) = pending {
                 tokio::time::sleep(faults.chunk_interval.max(Duration::from_millis(1))).await;
+                guard.record(&rest);
                 return Some((Ok::<_, io::Error>(rest), (events, guard, faults, release, None, false)));
             }
             let Some((content_index, event)) = events.next() else {
@@ -438,6 +458,9 @@ fn stream(
             }
             if let Some(n) = content_index {
                 if faults.reset_after.is_some_and(|limit| n > limit) {
+                    // hyper drops unflushed writes when a body fails; give the
+                    // chunks before the reset time to reach the socket.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     return Some((
                         Err(io::Error::new(io::ErrorKind::ConnectionReset, "simulated reset")),
                         (events, guard, faults, release, None, false),
@@ -453,8 +476,10 @@ fn stream(
                 let mid = bytes.len() / 2;
                 let head = bytes.slice(..mid);
                 let tail = bytes.slice(mid..);
+                guard.record(&head);
                 return Some((Ok(head), (events, guard, faults, release, Some(tail), false)));
             }
+            guard.record(&bytes);
             Some((Ok(bytes), (events, guard, faults, release, None, false)))
         },
     );

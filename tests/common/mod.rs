@@ -1,0 +1,224 @@
+//! Test harness: a gateway in-process on an ephemeral port, in front of
+//! simulated upstreams, plus polling helpers. No fixed ports, no sleeps.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use relaygate::sim::Sim;
+use relaygate::{build_app, AppState, Config};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const CLIENT_KEY: &str = "sk-client-app-a-0123456789";
+pub const UPSTREAM_KEY: &str = "sk-upstream-a-secret-9876543210";
+
+pub struct Gateway {
+    /// `http://127.0.0.1:<port>`
+    pub url: String,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Gateway {
+    /// Starts a gateway for `config`, where `${NAME}` is looked up in `vars`.
+    pub async fn start(config: &str, vars: &[(&str, String)]) -> Gateway {
+        let config = Config::parse(config, |name| {
+            vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
+        })
+        .expect("test config is valid");
+        let app = build_app(config).expect("app builds");
+        let state = app.state().clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            url,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The standard single-upstream gateway in front of `sim` (see `config_for`).
+    pub async fn with_sim(sim: &Sim) -> Gateway {
+        Gateway::start(&config_for(&[("a", sim)]), &[]).await
+    }
+
+    pub fn v1(&self, path: &str) -> String {
+        format!("{}/v1{}", self.url, path)
+    }
+
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Resolves when the server has stopped (after `begin_shutdown`).
+    pub async fn stopped(&mut self) -> std::io::Result<()> {
+        self.task.take().expect("not awaited twice").await.expect("server task")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample line in `/metrics`, 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// A config with one model `deepseek-chat` routed to the first upstream as
+/// `deepseek-v3.2`, short timeouts, one client key and a small body limit.
+pub fn config_for(upstreams: &[(&str, &Sim)]) -> String {
+    let mut text = String::from(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 65536
+shutdown_grace = "5s"
+
+[admin]
+key = "sk-admin-key-for-tests-000"
+
+[[keys]]
+name = "app-a"
+key = "sk-client-app-a-0123456789"
+"#,
+    );
+    for (name, sim) in upstreams {
+        text.push_str(&format!(
+            r#"
+[[upstreams]]
+name = "{name}"
+base_url = "{}"
+api_key = "sk-upstream-{name}-secret-9876543210"
+connect_timeout = "1s"
+first_byte_timeout = "1s"
+idle_timeout = "500ms"
+request_timeout = "10s"
+"#,
+            sim.base_url()
+        ));
+    }
+    text.push_str(&format!(
+        r#"
+[[models]]
+name = "deepseek-chat"
+targets = [{{ upstream = "{}", model = "deepseek-v3.2" }}]
+price = {{ input_per_mtok = 0.28, output_per_mtok = 0.42, cached_input_per_mtok = 0.028 }}
+"#,
+        upstreams[0].0
+    ));
+    text
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().unwrap()
+}
+
+pub fn chat(stream: bool) -> Value {
+    json!({
+        "model": "deepseek-chat",
+        "messages": [{ "role": "user", "content": "Say hello" }],
+        "stream": stream,
+        "temperature": 0.2,
+        "x_vendor_extension": { "keep": [1, 2.50, "three"] },
+    })
+}
+
+pub async fn post_chat(gw: &Gateway, body: &Value) -> reqwest::Response {
+    client()
+        .post(gw.v1("/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Polls `check` until it returns true, panicking after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads a streaming response until `pred` holds for what arrived so far.
+pub async fn read_until(resp: &mut reqwest::Response, buf: &mut Vec<u8>, pred: impl Fn(&[u8]) -> bool) {
+    while !pred(buf) {
+        match tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(Ok(None)) => panic!("stream ended early: {}", String::from_utf8_lossy(buf)),
+            Ok(Err(e)) => panic!("stream error: {e}"),
+            Err(_) => panic!("no data within 5 s: {}", String::from_utf8_lossy(buf)),
+        }
+    }
+}
+
+/// Reads a streaming response to its end.
+pub async fn read_all(resp: reqwest::Response) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(10), resp.bytes())
+        .await
+        .expect("stream ends within 10 s")
+        .expect("stream reads")
+        .to_vec()
+}
+
+/// The `data:` payloads of an SSE body.
+pub fn data_lines(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
+
+/// Number of content chunks (`delta.content` non-empty) in an SSE body.
+pub fn content_chunks(body: &[u8]) -> usize {
+    data_lines(body)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .count()
+}
+
+/// A port with nothing listening on it.
+pub async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
