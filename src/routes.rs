@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(
             ServiceBuilder::new()
+                .map_request(drop_unsafe_request_id)
                 .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeId))
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone())),
         )
@@ -88,9 +89,26 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     .into_response()
 }
 
+/// A client-sent `x-request-id` is kept only when it is a short token of
+/// `[A-Za-z0-9._:-]`, so clients cannot feed arbitrary data into logs and
+/// upstream headers; otherwise a fresh id replaces it.
+fn drop_unsafe_request_id(mut req: Request) -> Request {
+    let unsafe_id = req.headers().get(&X_REQUEST_ID).is_some_and(|v| {
+        let b = v.as_bytes();
+        b.is_empty()
+            || b.len() > 128
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+    });
+    if unsafe_id {
+        req.headers_mut().remove(&X_REQUEST_ID);
+    }
+    req
+}
+
 /// Request ids: 16 random bytes as hex, like OpenAI's `req_…` ids but
-/// without a UUID dependency. A client-sent id is kept only when it is a
-/// short, printable token, so logs cannot be fed arbitrary data.
+/// without a UUID dependency.
 #[derive(Clone, Copy)]
 struct MakeId;
 

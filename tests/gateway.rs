@@ -75,6 +75,54 @@ async fn request_ids_are_generated_when_missing() {
 }
 
 #[tokio::test]
+async fn unsafe_client_request_ids_are_replaced() {
+    let sim = Sim::start("a", Faults::default()).await.unwrap();
+    let gw = Gateway::with_sim(&sim).await;
+    for bad in ["has space", "x".repeat(200).as_str(), "quote\"d"] {
+        let resp = client()
+            .post(gw.v1("/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .header("x-request-id", bad)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert!(id.starts_with("req_"), "{bad} -> {id}");
+    }
+}
+
+#[tokio::test]
+async fn request_timeout_bounds_a_long_stream() {
+    let sim = Sim::start(
+        "a",
+        Faults {
+            chunks: 1000,
+            chunk_interval: Duration::from_millis(50),
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = config_for(&[("a", &sim)]).replace("request_timeout = \"10s\"", "request_timeout = \"1s\"");
+    let gw = Gateway::start(&config, &[]).await;
+    let started = Instant::now();
+    let body = read_all(post_chat(&gw, &chat(true)).await).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let last: Value = serde_json::from_str(data_lines(&body).last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_request_timeout");
+    assert!(content_chunks(&body) > 5);
+    eventually(Duration::from_secs(1), "the upstream stream is closed", || async {
+        sim.stats().streams_cancelled == 1
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stream_is_byte_identical_even_with_events_split_across_packets() {
     for split in [false, true] {
         let sim = Sim::start(

@@ -1,0 +1,81 @@
+//! End to end with the official `openai` Python SDK as the client.
+//!
+//! Needs a Python with `openai` installed: `RELAYGATE_PYTHON`, else
+//! `.venv/bin/python` in the repo (what `.ci/run` creates), else `python3`.
+//! Without it the test fails with instructions; set `RELAYGATE_SKIP_SDK=1`
+//! to skip it on purpose.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use relaygate::sim::{Faults, Sim};
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("RELAYGATE_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    "python3".into()
+}
+
+#[tokio::test]
+async fn the_official_python_sdk_works_through_relaygate() {
+    if std::env::var("RELAYGATE_SKIP_SDK").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: RELAYGATE_SKIP_SDK=1");
+        return;
+    }
+    let python = python();
+    let probe = tokio::process::Command::new(&python)
+        .args(["-c", "import openai; print(openai.__version__)"])
+        .output()
+        .await;
+    let version = match probe {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        _ => panic!(
+            "{} cannot import openai: run `python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt`, \
+             set RELAYGATE_PYTHON, or set RELAYGATE_SKIP_SDK=1 to skip this test",
+            python.display()
+        ),
+    };
+    eprintln!("openai SDK {version}");
+
+    let healthy = Sim::start("a", Faults::default()).await.unwrap();
+    let broken = Sim::start(
+        "b",
+        Faults {
+            reset_after: Some(3),
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut config = config_for(&[("a", &healthy), ("b", &broken)]);
+    config.push_str("\n[[models]]\nname = \"broken-stream\"\ntargets = [{ upstream = \"b\" }]\n");
+    let gw = Gateway::start(&config, &[]).await;
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_sdk.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(&script)
+            .env("RELAYGATE_BASE_URL", gw.v1(""))
+            .env("RELAYGATE_API_KEY", CLIENT_KEY)
+            .output(),
+    )
+    .await
+    .expect("the SDK script finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SDK script failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("ALL OK"), "{stdout}");
+    // The SDK's requests really went through: 3 chat calls on `a`, one broken stream on `b`.
+    assert_eq!(healthy.stats().requests, 3);
+    assert_eq!(broken.stats().streams_opened, 1);
+}
