@@ -28,6 +28,7 @@ pub struct RequestRecord {
     upstream: Option<Arc<str>>,
     attempts: u32,
     attempt_started: Option<Instant>,
+    upstream_wait: Duration,
     usage: Option<Usage>,
     ttft: Option<Duration>,
     stream: bool,
@@ -49,6 +50,7 @@ impl RequestRecord {
             upstream: None,
             attempts: 0,
             attempt_started: None,
+            upstream_wait: Duration::ZERO,
             usage: None,
             ttft: None,
             stream: false,
@@ -73,6 +75,15 @@ impl RequestRecord {
         self.attempts += 1;
         self.upstream = Some(upstream);
         self.attempt_started = Some(Instant::now());
+    }
+
+    /// Time spent waiting on upstreams, excluded from the overhead metric.
+    pub fn add_upstream_wait(&mut self, waited: Duration) {
+        self.upstream_wait += waited;
+    }
+
+    pub fn upstream_wait(&self) -> Duration {
+        self.upstream_wait
     }
 
     /// Records one finished upstream attempt.

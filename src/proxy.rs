@@ -45,7 +45,14 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
         // They are served: the drain is bounded by shutdown_grace anyway.
         tracing::debug!("request during drain");
     }
-    match run(&runtime, endpoint, req, &mut record, started).await {
+    let result = run(&runtime, endpoint, req, &mut record, started).await;
+    // Everything up to here that was not spent waiting on the upstream is
+    // relaygate's own time (for streams: up to the first event).
+    state
+        .metrics()
+        .overhead
+        .observe(started.elapsed().saturating_sub(record.upstream_wait()).as_secs_f64());
+    match result {
         Ok(Proxied::Full {
             status,
             mut headers,
@@ -151,7 +158,9 @@ async fn run(
     let upstream_label = HeaderValue::from_str(&upstream.name).unwrap_or(HeaderValue::from_static("-"));
 
     record.start_attempt(upstream.name.clone());
+    let sent = Instant::now();
     let reply = upstream.send(attempt, runtime.config.server.max_response_bytes).await;
+    record.add_upstream_wait(sent.elapsed());
     match reply {
         Err(e) => {
             record.end_attempt(e.status, e.error_type);

@@ -62,6 +62,10 @@ async fn json_round_trip_rewrites_only_the_model_and_swaps_credentials() {
         ),
         5.0
     );
+    assert_eq!(metric_value(&m, "relaygate_overhead_seconds_count"), 1.0);
+    // The upstream wait is excluded: relaygate's own share is far below 50 ms
+    // (a generous bound that only a bug, such as counting the upstream, breaks).
+    assert!(metric_value(&m, "relaygate_overhead_seconds_sum") < 0.05);
 }
 
 #[tokio::test]
@@ -465,6 +469,8 @@ async fn headers_delayed_past_first_byte_timeout_is_504_and_cancels_upstream() {
             "{took:?}"
         );
     }
+    // The seconds spent waiting on the upstream are not relaygate's overhead.
+    assert!(gw.metric("relaygate_overhead_seconds_sum").await < 0.1);
     eventually(
         Duration::from_secs(2),
         "the upstream sees both requests abandoned",

@@ -144,12 +144,22 @@ def check_runbook_anchors():
 
 
 def check_alert_tests_cover():
-    """Every alert has a firing and a silent case in alerts.test.yml."""
+    """Every alert has a firing and a silent case in alerts.test.yml, and
+    group_eval_order lists every group, recording groups first (promtool
+    evaluates unlisted groups in random order, which makes tests flaky)."""
+    tests = load(ALERT_TESTS)
     firing, silent = set(), set()
-    for test in load(ALERT_TESTS)["tests"]:
+    order = tests.get("group_eval_order") or []
+    want = [g["name"] for g in load(RECORDING)["groups"]] + [g["name"] for g in load(ALERTS)["groups"]]
+    errors = []
+    if sorted(order) != sorted(want):
+        errors.append(f"{ALERT_TESTS}: group_eval_order {order} does not list exactly the groups {want}")
+    recording = {g["name"] for g in load(RECORDING)["groups"]}
+    if [g for g in order if g in recording] != order[:len(recording)]:
+        errors.append(f"{ALERT_TESTS}: group_eval_order must list the recording groups first")
+    for test in tests["tests"]:
         for case in test.get("alert_rule_test", []):
             (firing if case.get("exp_alerts") else silent).add(case["alertname"])
-    errors = []
     for r in alert_rules():
         if r["alert"] not in firing:
             errors.append(f"{r['alert']}: no test case where it fires")
