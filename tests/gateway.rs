@@ -41,7 +41,7 @@ async fn json_round_trip_rewrites_only_the_model_and_swaps_credentials() {
     );
     assert_eq!(
         seen.headers["authorization"],
-        format!("Bearer sk-upstream-a-secret-9876543210").as_str(),
+        "Bearer sk-upstream-a-secret-9876543210",
         "the upstream key replaces the client's"
     );
     assert_eq!(seen.headers["x-request-id"], "req-from-client-1");
