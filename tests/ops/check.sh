@@ -115,6 +115,28 @@ run "kubernetes-validate --strict (${#k8s_files[@]} files)" \
 run "k8s: PodMonitor fields, selector and port" "$PYTHON" "$HELPER" podmonitor
 run "k8s: config keys and termination grace" "$PYTHON" "$HELPER" k8s-config
 
+# The ConfigMaps' TOML through relaygate's own parser, when a binary is at
+# hand ($RELAYGATE_BIN, or the one `cargo test` leaves in target/). This
+# script never builds it.
+relaygate_bin=${RELAYGATE_BIN:-}
+for candidate in target/debug/relaygate target/release/relaygate; do
+    [[ -n $relaygate_bin ]] && break
+    [[ -x $candidate ]] && relaygate_bin=$candidate
+done
+relaygate_check_configs() {
+    mkdir -p "$tmp/configs"
+    "$PYTHON" "$HELPER" extract-configs "$tmp/configs" >/dev/null || return 1
+    for f in "$tmp/configs"/*.toml; do
+        env HOLYSHEEP_API_KEY=dummy-upstream-key RELAYGATE_ADMIN_KEY=dummy-admin-key \
+            APP_A_KEY=dummy-app-a-key "$relaygate_bin" check --config "$f" || return 1
+    done
+}
+if [[ -n $relaygate_bin ]]; then
+    run "k8s: relaygate check on the ConfigMaps ($relaygate_bin)" relaygate_check_configs
+else
+    echo "note  no relaygate binary: ConfigMaps checked by key names only"
+fi
+
 # --- Grafana --------------------------------------------------------------
 run "grafana: dashboard is JSON" "$PYTHON" -m json.tool grafana/dashboards/relaygate.json
 run "grafana: rows, variables, metric names" "$PYTHON" "$HELPER" dashboard

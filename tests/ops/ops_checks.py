@@ -59,7 +59,7 @@ CONTRACT = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket",
 
 # The config keys relaygate accepts today (unknown keys are rejected).
 CONFIG_KEYS = {
-    "server": {"listen", "max_body_bytes", "shutdown_grace"},
+    "server": {"listen", "max_body_bytes", "max_response_bytes", "shutdown_grace"},
     "admin": {"key"},
     "upstreams": {"name", "base_url", "api_key", "connect_timeout", "first_byte_timeout",
                   "idle_timeout", "request_timeout"},
@@ -381,6 +381,22 @@ def check_k8s_config():
     return fail(errors)
 
 
+def extract_configs(out_dir):
+    """Write the ConfigMaps' TOML files to out_dir, for `relaygate check`."""
+    count = 0
+    for directory in ("sidecar", "shared"):
+        for path, d in k8s_docs(directory):
+            if d.get("kind") != "ConfigMap":
+                continue
+            for key, text in (d.get("data") or {}).items():
+                if key.endswith(".toml"):
+                    out = Path(out_dir) / f"{directory}-{d['metadata']['name']}-{key}"
+                    out.write_text(text)
+                    print(out)
+                    count += 1
+    return 0 if count else 1
+
+
 def config_key_errors(where, cfg):
     errors = []
     for section, value in cfg.items():
@@ -410,6 +426,7 @@ CHECKS = {
     "rule-metric-names": check_rule_metric_names,
     "podmonitor": check_podmonitor,
     "k8s-config": check_k8s_config,
+    "extract-configs": extract_configs,
 }
 
 if __name__ == "__main__":
