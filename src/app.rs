@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -17,12 +18,14 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tower::retry::budget::TpsBudget;
 
 use crate::auth::ClientKeys;
-use crate::config::Config;
+use crate::config::{Config, UpstreamConfig};
+use crate::layers::circuit::Breaker;
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamState};
 
 /// Everything derived from one config.
 pub struct Runtime {
@@ -36,6 +39,34 @@ pub struct Runtime {
     pub keys: ClientKeys,
     /// The `/v1/models` answer, built once.
     pub models_json: Bytes,
+    /// Each model's retry budget, same order as `config.models`.
+    pub budgets: Vec<Arc<TpsBudget>>,
+}
+
+/// Upstream health by upstream name, kept across config reloads so that a
+/// reload does not forget an open breaker or a 429 cooldown.
+#[derive(Default)]
+pub struct UpstreamRegistry {
+    states: Mutex<HashMap<String, Arc<UpstreamState>>>,
+}
+
+impl UpstreamRegistry {
+    /// The state for `config`, reused when the name and breaker settings are unchanged.
+    pub fn state_for(&self, config: &UpstreamConfig, metrics: &Metrics) -> Arc<UpstreamState> {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = states.get(&config.name) {
+            if s.breaker.config() == &config.circuit_breaker {
+                return s.clone();
+            }
+        }
+        let state = Arc::new(UpstreamState::new(Breaker::new(
+            &config.name,
+            config.circuit_breaker.clone(),
+            metrics,
+        )));
+        states.insert(config.name.clone(), state.clone());
+        state
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,17 +80,23 @@ pub enum BuildError {
 }
 
 impl Runtime {
-    pub fn new(config: Config) -> Result<Self, BuildError> {
+    pub fn new(config: Config, registry: &UpstreamRegistry, metrics: &Metrics) -> Result<Self, BuildError> {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
-                Upstream::new(u.clone()).map_err(|source| BuildError::Client {
+            .enumerate()
+            .map(|(i, u)| {
+                Upstream::new(u.clone(), i, registry.state_for(u, metrics)).map_err(|source| BuildError::Client {
                     upstream: u.name.clone(),
                     source,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let budgets = config
+            .models
+            .iter()
+            .map(|_| crate::layers::budget(&config.retry))
+            .collect();
         let models = config
             .models
             .iter()
@@ -85,6 +122,7 @@ impl Runtime {
             models,
             model_labels,
             models_json,
+            budgets,
             config,
         })
     }
@@ -98,8 +136,13 @@ pub struct AppState {
 struct Shared {
     runtime: ArcSwap<Runtime>,
     metrics: Arc<Metrics>,
+    upstreams: UpstreamRegistry,
+    /// `server.max_in_flight`: one permit per request, held to its last byte.
+    in_flight: Arc<Semaphore>,
     draining: AtomicBool,
     started: Instant,
+    /// The file `reload` re-reads; unset for apps built from a `Config` value.
+    config_path: OnceLock<PathBuf>,
 }
 
 impl AppState {
@@ -122,6 +165,42 @@ impl AppState {
     pub fn uptime(&self) -> Duration {
         self.inner.started.elapsed()
     }
+
+    /// Re-reads the config file and swaps it in atomically. A bad file is
+    /// rejected and the running config stays. Breakers, cooldowns and limiter
+    /// state of unchanged upstreams carry over; in-flight requests finish on
+    /// the config they started with. `server.listen` and `server.max_in_flight`
+    /// apply at the next start only.
+    pub fn reload(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let Some(path) = inner.config_path.get() else {
+            return Err("relaygate was not started from a config file".into());
+        };
+        let built = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| Runtime::new(c, &inner.upstreams, &inner.metrics).map_err(|e| e.to_string()));
+        match built {
+            Ok(runtime) => {
+                preregister(&inner.metrics, &runtime);
+                inner.runtime.store(Arc::new(runtime));
+                inner.metrics.config_reloads.with_label_values(&["success"]).inc();
+                tracing::info!(path = %path.display(), "config reloaded");
+                Ok(())
+            }
+            Err(error) => {
+                inner.metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(%error, "config reload rejected; keeping the running config");
+                Err(error)
+            }
+        }
+    }
+
+    /// A slot under `server.max_in_flight`, or `None` when full. tower's
+    /// `ConcurrencyLimit` is not used because it frees its slot when the
+    /// response headers go out, and a stream must hold its slot to the end.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.inner.in_flight.clone().try_acquire_owned().ok()
+    }
 }
 
 /// A built gateway: its router and state, ready to serve.
@@ -132,12 +211,11 @@ pub struct App {
 
 /// Builds the gateway for a validated config. Tests call this directly.
 pub fn build_app(config: Config) -> Result<App, BuildError> {
-    let runtime = Runtime::new(config)?;
     let metrics = Arc::new(Metrics::new());
-    metrics.preregister(runtime.config.models.iter().map(|m| {
-        let upstreams = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
-        (m.name.as_str(), upstreams)
-    }));
+    let upstreams = UpstreamRegistry::default();
+    let runtime = Runtime::new(config, &upstreams, &metrics)?;
+    let in_flight = Arc::new(Semaphore::new(runtime.config.server.max_in_flight));
+    preregister(&metrics, &runtime);
     if !runtime.keys.enabled() {
         tracing::warn!("no [[keys]] configured: client authentication is OFF and any client can use the upstream keys");
     }
@@ -145,17 +223,34 @@ pub fn build_app(config: Config) -> Result<App, BuildError> {
         inner: Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
+            upstreams,
+            in_flight,
             draining: AtomicBool::new(false),
             started: Instant::now(),
+            config_path: OnceLock::new(),
         }),
     };
     let router = crate::routes::router(state.clone());
     Ok(App { state, router })
 }
 
+fn preregister(metrics: &Metrics, runtime: &Runtime) {
+    metrics.preregister(runtime.config.models.iter().map(|m| {
+        let upstreams = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
+        (m.name.as_str(), upstreams)
+    }));
+}
+
 impl App {
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// Remembers the file the config came from, for `reload` (SIGHUP and
+    /// `POST /admin/reload`).
+    pub fn with_config_path(self, path: &std::path::Path) -> Self {
+        let _ = self.state.inner.config_path.set(path.to_path_buf());
+        self
     }
 
     pub fn router(&self) -> Router {

@@ -91,8 +91,23 @@ pub fn main() -> ExitCode {
 async fn serve(path: &Path, listen: Option<SocketAddr>) -> Result<ExitCode, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let addr = listen.unwrap_or(config.server.listen);
-    let app = crate::build_app(config).map_err(|e| e.to_string())?;
+    let app = crate::build_app(config).map_err(|e| e.to_string())?.with_config_path(path);
+    reload_on_sighup(app.state().clone());
     run_server(app, addr).await
+}
+
+/// SIGHUP re-reads the config file (see `AppState::reload`).
+fn reload_on_sighup(state: crate::AppState) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = state.reload();
+        }
+    });
 }
 
 /// Binds, prints `relaygate listening on http://ADDR` on stdout, and serves

@@ -83,6 +83,54 @@ struct RawConfig {
     models: Vec<RawModel>,
     #[serde(default)]
     keys: Vec<RawKey>,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    circuit_breaker: RawBreaker,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetry {
+    max_attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    base_delay: Duration,
+    #[serde(deserialize_with = "duration")]
+    max_delay: Duration,
+    budget_ratio: f64,
+    min_retries_per_second: u32,
+    #[serde(deserialize_with = "duration")]
+    retry_after_cap: Duration,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(2),
+            budget_ratio: 0.2,
+            min_retries_per_second: 5,
+            retry_after_cap: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The breaker settings; every field optional so that an upstream's
+/// `circuit_breaker = { ... }` overrides only what it names.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    consecutive_failures: Option<u32>,
+    failure_rate: Option<f64>,
+    min_requests: Option<u32>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    open_for: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    max_open_for: Option<Duration>,
+    half_open_probes: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +141,7 @@ struct RawServer {
     max_response_bytes: u64,
     #[serde(deserialize_with = "duration")]
     shutdown_grace: Duration,
+    max_in_flight: usize,
 }
 
 impl Default for RawServer {
@@ -102,6 +151,7 @@ impl Default for RawServer {
             max_body_bytes: 10 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            max_in_flight: 4096,
         }
     }
 }
@@ -126,6 +176,9 @@ struct RawUpstream {
     idle_timeout: Duration,
     #[serde(default = "d_request", deserialize_with = "duration")]
     request_timeout: Duration,
+    #[serde(default)]
+    max_concurrency: usize,
+    circuit_breaker: Option<RawBreaker>,
 }
 
 fn d_connect() -> Duration {
@@ -147,6 +200,7 @@ struct RawModel {
     name: String,
     targets: Vec<RawTarget>,
     price: Option<Price>,
+    hedge_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +237,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 // ---------------------------------------------------------------------------
 // Stage 3: validated types.
 // ---------------------------------------------------------------------------
@@ -194,6 +252,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub models: Vec<ModelConfig>,
     pub keys: Vec<KeyConfig>,
+    pub retry: RetryConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +261,91 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Requests (streams included) served at once; over it, a fast 503.
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Upstream attempts per request, the first included.
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// Retries allowed as a share of requests (tower's budget).
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, whatever the ratio.
+    pub min_retries_per_second: u32,
+    /// Upper bound on any Retry-After / rate-limit reset an upstream asks for.
+    pub retry_after_cap: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub open_for: Duration,
+    pub max_open_for: Duration,
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(30),
+            open_for: Duration::from_secs(10),
+            max_open_for: Duration::from_secs(120),
+            half_open_probes: 3,
+        }
+    }
+}
+
+impl RawBreaker {
+    /// `self` over `base`, field by field, then validated.
+    fn resolve(&self, base: &BreakerConfig, path: &str) -> Result<BreakerConfig, ConfigError> {
+        let b = BreakerConfig {
+            consecutive_failures: self.consecutive_failures.unwrap_or(base.consecutive_failures),
+            failure_rate: self.failure_rate.unwrap_or(base.failure_rate),
+            min_requests: self.min_requests.unwrap_or(base.min_requests),
+            window: self.window.unwrap_or(base.window),
+            open_for: self.open_for.unwrap_or(base.open_for),
+            max_open_for: self.max_open_for.unwrap_or(base.max_open_for),
+            half_open_probes: self.half_open_probes.unwrap_or(base.half_open_probes),
+        };
+        let at = |key: &str| format!("{path}.{key}");
+        if b.consecutive_failures == 0 {
+            return Err(ConfigError::at(&at("consecutive_failures"), "must be at least 1"));
+        }
+        if !(b.failure_rate > 0.0 && b.failure_rate <= 1.0) {
+            return Err(ConfigError::at(&at("failure_rate"), "must be in (0, 1]"));
+        }
+        if b.window < Duration::from_secs(1) {
+            return Err(ConfigError::at(&at("window"), "must be at least 1s"));
+        }
+        if b.open_for.is_zero() {
+            return Err(ConfigError::at(&at("open_for"), "must be greater than 0"));
+        }
+        if b.max_open_for < b.open_for {
+            return Err(ConfigError::at(&at("max_open_for"), "must be at least open_for"));
+        }
+        if b.half_open_probes == 0 {
+            return Err(ConfigError::at(&at("half_open_probes"), "must be at least 1"));
+        }
+        Ok(b)
+    }
+}
+
+/// When to hedge a request to the next target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hedge {
+    /// After this long without response headers.
+    After(Duration),
+    /// After the primary upstream's observed first-byte p95.
+    P95,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +358,9 @@ pub struct UpstreamConfig {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
+    /// Concurrent requests to this upstream; 0 is unlimited.
+    pub max_concurrency: usize,
+    pub circuit_breaker: BreakerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +369,7 @@ pub struct ModelConfig {
     /// Sorted by priority (stable, so equal priorities keep file order).
     pub targets: Vec<TargetConfig>,
     pub price: Option<Price>,
+    pub hedge: Option<Hedge>,
 }
 
 #[derive(Debug, Clone)]
@@ -306,7 +454,36 @@ impl RawConfig {
             max_body_bytes: usize::try_from(self.server.max_body_bytes).unwrap_or(usize::MAX),
             max_response_bytes: usize::try_from(self.server.max_response_bytes).unwrap_or(usize::MAX),
             shutdown_grace: self.server.shutdown_grace,
+            max_in_flight: self.server.max_in_flight,
         };
+        if server.max_in_flight == 0 {
+            return Err(ConfigError::at("server.max_in_flight", "must be at least 1"));
+        }
+
+        let r = &self.retry;
+        if r.max_attempts == 0 {
+            return Err(ConfigError::at(
+                "retry.max_attempts",
+                "must be at least 1 (1 means no retries)",
+            ));
+        }
+        if r.max_delay < r.base_delay {
+            return Err(ConfigError::at("retry.max_delay", "must be at least base_delay"));
+        }
+        if !(0.0..=1000.0).contains(&r.budget_ratio) || !r.budget_ratio.is_finite() {
+            return Err(ConfigError::at("retry.budget_ratio", "must be between 0 and 1000"));
+        }
+        let retry = RetryConfig {
+            max_attempts: r.max_attempts,
+            base_delay: r.base_delay,
+            max_delay: r.max_delay,
+            budget_ratio: r.budget_ratio,
+            min_retries_per_second: r.min_retries_per_second,
+            retry_after_cap: r.retry_after_cap,
+        };
+        let breaker = self
+            .circuit_breaker
+            .resolve(&BreakerConfig::default(), "circuit_breaker")?;
 
         let admin_key = match self.admin.and_then(|a| a.key) {
             Some(k) if k.expose().is_empty() => {
@@ -360,6 +537,11 @@ impl RawConfig {
                 first_byte_timeout: u.first_byte_timeout,
                 idle_timeout: u.idle_timeout,
                 request_timeout: u.request_timeout,
+                max_concurrency: u.max_concurrency,
+                circuit_breaker: match &u.circuit_breaker {
+                    Some(over) => over.resolve(&breaker, &at("circuit_breaker"))?,
+                    None => breaker.clone(),
+                },
             });
         }
         let upstream_index: HashMap<&str, usize> = upstreams
@@ -421,10 +603,30 @@ impl RawConfig {
                     return Err(ConfigError::at(&at("price"), "prices must be finite and not negative"));
                 }
             }
+            let hedge = match m.hedge_after.as_deref().map(str::trim) {
+                None => None,
+                Some("p95") => Some(Hedge::P95),
+                Some(text) => match humantime::parse_duration(text) {
+                    Ok(d) if !d.is_zero() => Some(Hedge::After(d)),
+                    _ => {
+                        return Err(ConfigError::at(
+                            &at("hedge_after"),
+                            format!("invalid value {text:?} (expected a duration like \"800ms\" or \"p95\")"),
+                        ))
+                    }
+                },
+            };
+            if hedge.is_some() && targets.len() < 2 {
+                return Err(ConfigError::at(
+                    &at("hedge_after"),
+                    "hedging needs at least two targets",
+                ));
+            }
             models.push(ModelConfig {
                 name: m.name,
                 targets,
                 price: m.price,
+                hedge,
             });
         }
 
@@ -455,6 +657,7 @@ impl RawConfig {
             upstreams,
             models,
             keys,
+            retry,
         })
     }
 }
@@ -669,6 +872,40 @@ targets = [{ upstream = "sim" }]
         assert!(e.starts_with("server.listen: invalid address"), "{e}");
         let e = err("not toml = = 1");
         assert!(e.starts_with("invalid TOML"), "{e}");
+    }
+
+    #[test]
+    fn breaker_overrides_merge_field_by_field() {
+        let text = format!(
+            "[circuit_breaker]\nopen_for = \"2s\"\n{}",
+            MINIMAL.replace("api_key", "circuit_breaker = { consecutive_failures = 2 }\napi_key")
+        );
+        let c = Config::parse(&text, env).unwrap();
+        let b = &c.upstreams[0].circuit_breaker;
+        assert_eq!(
+            (b.consecutive_failures, b.open_for, b.half_open_probes),
+            (2, Duration::from_secs(2), 3)
+        );
+        let e = err(&MINIMAL.replace("api_key", "circuit_breaker = { failure_rate = 1.5 }\napi_key"));
+        assert_eq!(e, "upstreams[0].circuit_breaker.failure_rate: must be in (0, 1]");
+    }
+
+    #[test]
+    fn hedge_after_forms() {
+        let two = MINIMAL.replace(
+            "targets = [{ upstream = \"sim\" }]",
+            "targets = [{ upstream = \"sim\" }, { upstream = \"sim\", priority = 1 }]\nhedge_after = \"HEDGE\"",
+        );
+        let c = Config::parse(&two.replace("HEDGE", "p95"), env).unwrap();
+        assert_eq!(c.models[0].hedge, Some(Hedge::P95));
+        let c = Config::parse(&two.replace("HEDGE", "800ms"), env).unwrap();
+        assert_eq!(c.models[0].hedge, Some(Hedge::After(Duration::from_millis(800))));
+        assert!(err(&two.replace("HEDGE", "soon")).starts_with("models[0].hedge_after: invalid value"));
+        let one = MINIMAL.replace(
+            "targets = [{ upstream = \"sim\" }]",
+            "targets = [{ upstream = \"sim\" }]\nhedge_after = \"1s\"",
+        );
+        assert_eq!(err(&one), "models[0].hedge_after: hedging needs at least two targets");
     }
 
     #[test]

@@ -20,11 +20,23 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Share of requests the flaky upstream fails with a 5xx.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.1)]
     pub flaky_error_rate: f64,
     /// Extra random latency of the flaky upstream, before its headers.
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
     pub flaky_latency: Duration,
+    /// Do not drive traffic (and print no live summary); just serve.
+    #[arg(long)]
+    pub no_traffic: bool,
+    /// Requests per second the built-in traffic sends.
+    #[arg(long, default_value_t = 20)]
+    pub rps: u32,
+    /// Every this long, the flaky upstream goes down for `--outage` (0 = never).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub outage_every: Duration,
+    /// How long each outage of the flaky upstream lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub outage: Duration,
 }
 
 /// Starts the two simulators and returns them with the demo config that
@@ -106,9 +118,119 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
     println!("  print(r.choices[0].message.content, r.usage)");
     println!();
     println!("Metrics: http://{local}/metrics   Health: http://{local}/health   Stop: Ctrl-C");
+    if !args.outage_every.is_zero() {
+        println!(
+            "The flaky upstream goes down for {} every {}.",
+            humantime::format_duration(args.outage),
+            humantime::format_duration(args.outage_every)
+        );
+        tokio::spawn(outages(sims[1].faults(), sims[1].handle(), args.outage_every, args.outage));
+    }
+    if !args.no_traffic {
+        println!("Driving {} requests/s (--no-traffic to stop it); one summary line per second:", args.rps);
+        tokio::spawn(traffic(base.clone(), args.rps.max(1), app.state().clone()));
+    }
+    println!();
     app.serve(listener, crate::cli::shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))?;
     drop(sims);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Takes the flaky upstream down (every request a 503) for `outage`, every `every`.
+async fn outages(normal: Faults, sim: crate::sim::SimHandle, every: Duration, outage: Duration) {
+    loop {
+        tokio::time::sleep(every.saturating_sub(outage)).await;
+        sim.update(|f| f.status = Some(503));
+        tokio::time::sleep(outage).await;
+        sim.set_faults(normal.clone());
+    }
+}
+
+/// One second of client-side observations.
+#[derive(Default)]
+struct Second {
+    ok: u32,
+    failed: u32,
+    latencies_ms: Vec<f64>,
+}
+
+/// Sends `rps` requests per second (a quarter of them streams) and prints
+/// one summary line per second: requests, success, p50/p99, breaker states.
+async fn traffic(base: String, rps: u32, state: crate::AppState) {
+    let client = reqwest::Client::new();
+    let window = std::sync::Arc::new(std::sync::Mutex::new(Second::default()));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rps)));
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    report.tick().await;
+    let mut seconds: u64 = 0;
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                n += 1;
+                let (client, window, url) = (client.clone(), window.clone(), format!("{base}/chat/completions"));
+                let stream = n % 4 == 0;
+                let model = if n % 10 == 0 { "deepseek-hedged" } else { "deepseek-chat" };
+                tokio::spawn(async move {
+                    let t = std::time::Instant::now();
+                    let body = serde_json::json!({
+                        "model": model,
+                        "stream": stream,
+                        "messages": [{ "role": "user", "content": "Hello from the demo traffic" }],
+                    });
+                    let ok = match client
+                        .post(url)
+                        .bearer_auth("demo")
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await {
+                        Ok(r) if r.status().is_success() => match r.bytes().await {
+                            // A stream that broke ends with an error event, not [DONE].
+                            Ok(b) => !stream || b.ends_with(b"data: [DONE]\n\n"),
+                            Err(_) => false,
+                        },
+                        _ => false,
+                    };
+                    let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
+                    if ok { w.ok += 1 } else { w.failed += 1 }
+                    w.latencies_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                });
+            }
+            _ = report.tick() => {
+                seconds += 1;
+                let mut second = std::mem::take(&mut *window.lock().unwrap_or_else(|e| e.into_inner()));
+                println!("{}", summary_line(seconds, &mut second, &state));
+            }
+        }
+    }
+}
+
+fn summary_line(seconds: u64, s: &mut Second, state: &crate::AppState) -> String {
+    let total = s.ok + s.failed;
+    s.latencies_ms.sort_by(f64::total_cmp);
+    let pct = |q: f64| -> f64 {
+        if s.latencies_ms.is_empty() {
+            return 0.0;
+        }
+        let rank = ((q * s.latencies_ms.len() as f64).ceil() as usize).clamp(1, s.latencies_ms.len());
+        s.latencies_ms[rank - 1]
+    };
+    let runtime = state.runtime();
+    let breakers: Vec<String> = runtime
+        .upstreams
+        .iter()
+        .map(|u| format!("{}={}", u.name, u.state.breaker.state().as_str()))
+        .collect();
+    format!(
+        "[{:>4}s] {:>3} req/s  success {:>5.1}%  p50 {:>5.0}ms  p99 {:>5.0}ms  breakers: {}",
+        seconds,
+        total,
+        if total == 0 { 100.0 } else { 100.0 * f64::from(s.ok) / f64::from(total) },
+        pct(0.50),
+        pct(0.99),
+        breakers.join(" ")
+    )
 }

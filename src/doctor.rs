@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::config::{Config, UpstreamConfig};
-use crate::upstream::Upstream;
+use crate::upstream::{authorization_header, http_client};
 
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -158,12 +158,12 @@ pub async fn check(config: UpstreamConfig) -> Report {
     };
 
     let started = Instant::now();
-    report.models = match Upstream::new(config.clone()) {
+    report.models = match http_client(&config) {
         Err(e) => failed(started, format!("cannot build client: {e}")),
-        Ok(upstream) => {
-            let mut request = upstream.client().get(format!("{}/models", config.base_url));
-            if let Some(auth) = upstream.authorization() {
-                request = request.header(http::header::AUTHORIZATION, auth.clone());
+        Ok(client) => {
+            let mut request = client.get(format!("{}/models", config.base_url));
+            if let Some(auth) = authorization_header(&config) {
+                request = request.header(http::header::AUTHORIZATION, auth);
             }
             let limit = config.first_byte_timeout.min(Duration::from_secs(30));
             match tokio::time::timeout(limit, request.send()).await {

@@ -3,6 +3,8 @@
 //! `{"error":{"message":…,"type":…,"code":…}}`. Messages never carry secrets:
 //! upstream URLs and keys stay out, only config names appear.
 
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
@@ -36,6 +38,15 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, kind: TimeoutKind },
     #[error("relaygate is shutting down; retry on another instance.")]
     Draining,
+    #[error("Every upstream for this model is failing (circuit open); retry after {} s.", retry_after_secs(*retry_after))]
+    CircuitOpen { retry_after: Duration },
+    #[error("relaygate is at its concurrency limit; retry shortly.")]
+    Overloaded,
+}
+
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
 }
 
 /// Which of the per-upstream timeouts fired.
@@ -71,7 +82,7 @@ impl GatewayError {
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -89,7 +100,7 @@ impl GatewayError {
             | Self::UpstreamReset { .. }
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => "upstream_error",
-            Self::Draining => "service_unavailable",
+            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded => "service_unavailable",
         }
     }
 
@@ -111,6 +122,8 @@ impl GatewayError {
                 TimeoutKind::Request => "upstream_request_timeout",
             },
             Self::Draining => "shutting_down",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -128,7 +141,8 @@ impl GatewayError {
             | Self::UpstreamReset { .. }
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => Outcome::UpstreamError,
-            Self::Draining => Outcome::Overloaded,
+            Self::Draining | Self::Overloaded => Outcome::Overloaded,
+            Self::CircuitOpen { .. } => Outcome::CircuitOpen,
         }
     }
 
@@ -175,6 +189,16 @@ impl IntoResponse for GatewayError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let retry_after = match &self {
+            Self::CircuitOpen { retry_after } => Some(retry_after_secs(*retry_after)),
+            Self::Overloaded | Self::Draining => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if matches!(self, Self::MissingApiKey | Self::InvalidApiKey) {
             response
                 .headers_mut()

@@ -4,6 +4,7 @@
 //! a request is described in `proxy`, the server layers in `routes`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod health;
+pub mod layers;
 pub mod logging;
 pub mod metrics;
 pub mod observe;

@@ -55,8 +55,10 @@ impl Outcome {
 }
 
 /// How one upstream attempt ended. A closed set:
-/// `relaygate_upstream_requests_total{error_type}`.
+/// `relaygate_upstream_requests_total{error_type}`, and the `reason` of
+/// `relaygate_retries_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum ErrorType {
     None,
     Connect,
@@ -69,9 +71,26 @@ pub enum ErrorType {
     Malformed,
     CircuitOpen,
     Cancelled,
+    Overloaded,
 }
 
 impl ErrorType {
+    /// Every variant, indexed by its `repr(u8)` value.
+    pub const ALL: [ErrorType; 12] = [
+        ErrorType::None,
+        ErrorType::Connect,
+        ErrorType::Timeout,
+        ErrorType::Reset,
+        ErrorType::ServerError,
+        ErrorType::ClientError,
+        ErrorType::RateLimited,
+        ErrorType::Auth,
+        ErrorType::Malformed,
+        ErrorType::CircuitOpen,
+        ErrorType::Cancelled,
+        ErrorType::Overloaded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorType::None => "none",
@@ -85,6 +104,7 @@ impl ErrorType {
             ErrorType::Malformed => "malformed",
             ErrorType::CircuitOpen => "circuit_open",
             ErrorType::Cancelled => "cancelled",
+            ErrorType::Overloaded => "overloaded",
         }
     }
 
@@ -145,6 +165,11 @@ pub struct Metrics {
     pub cost: CounterVec,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub retries: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub hedges: IntCounterVec,
+    pub circuit_state: IntGaugeVec,
+    pub circuit_transitions: IntCounterVec,
 }
 
 impl Metrics {
@@ -268,6 +293,56 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new("relaygate_build_info", "Always 1; the version is in the label."),
                     &["version"],
+                ),
+            ),
+            retries: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_retries_total",
+                        "Extra upstream attempts, by the upstream that failed and why.",
+                    ),
+                    &["upstream", "reason"],
+                ),
+            ),
+            failovers: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_failovers_total",
+                        "Attempts moved from one upstream to another, by model.",
+                    ),
+                    &["model", "from", "to"],
+                ),
+            ),
+            hedges: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_hedges_total",
+                        "Hedged requests, by whether the hedge's answer was used (won) or not (lost).",
+                    ),
+                    &["model", "result"],
+                ),
+            ),
+            circuit_state: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "relaygate_circuit_state",
+                        "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+                    ),
+                    &["upstream"],
+                ),
+            ),
+            circuit_transitions: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_circuit_transitions_total",
+                        "Circuit breaker transitions per upstream.",
+                    ),
+                    &["upstream", "from", "to"],
                 ),
             ),
             registry,

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::config::Price;
 use crate::error::GatewayError;
+use crate::layers::circuit::Breaker;
 use crate::metrics::{ErrorType, Metrics, Outcome, OTHER, TOKEN_TYPES};
 use crate::streaming;
 use crate::usage::Usage;
@@ -27,8 +29,11 @@ pub struct RequestRecord {
     price: Option<Price>,
     upstream: Option<Arc<str>>,
     attempts: u32,
-    attempt_started: Option<Instant>,
+    /// A committed stream: its upstream's breaker and when its attempt began.
+    stream_attempt: Option<(Arc<Breaker>, Instant)>,
     upstream_wait: Duration,
+    /// Concurrency slots held to the request's end.
+    permits: Vec<OwnedSemaphorePermit>,
     usage: Option<Usage>,
     ttft: Option<Duration>,
     stream: bool,
@@ -49,8 +54,9 @@ impl RequestRecord {
             price: None,
             upstream: None,
             attempts: 0,
-            attempt_started: None,
+            stream_attempt: None,
             upstream_wait: Duration::ZERO,
+            permits: Vec::new(),
             usage: None,
             ttft: None,
             stream: false,
@@ -71,10 +77,18 @@ impl RequestRecord {
         self.stream = stream;
     }
 
-    pub fn start_attempt(&mut self, upstream: Arc<str>) {
-        self.attempts += 1;
+    /// The upstream that answered (or, for an error, the last one tried).
+    pub fn set_upstream(&mut self, upstream: Arc<str>) {
         self.upstream = Some(upstream);
-        self.attempt_started = Some(Instant::now());
+    }
+
+    pub fn set_attempts(&mut self, attempts: u32) {
+        self.attempts = attempts;
+    }
+
+    /// Keeps a concurrency slot until this request ends.
+    pub fn hold(&mut self, permit: Option<OwnedSemaphorePermit>) {
+        self.permits.extend(permit);
     }
 
     /// Time spent waiting on upstreams, excluded from the overhead metric.
@@ -86,20 +100,11 @@ impl RequestRecord {
         self.upstream_wait
     }
 
-    /// Records one finished upstream attempt.
-    pub fn end_attempt(&self, status: Option<u16>, error_type: ErrorType) {
-        let (Some(upstream), Some(started)) = (&self.upstream, self.attempt_started) else {
-            return;
-        };
-        let status = status.map(status_label).unwrap_or("none");
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[upstream, status, error_type.as_str()])
-            .inc();
-        self.metrics
-            .upstream_duration
-            .with_label_values(&[upstream])
-            .observe(started.elapsed().as_secs_f64());
+    /// The stream's first event arrived: from here the record owns the
+    /// attempt's metrics and reports a later break to the breaker.
+    pub fn commit_stream(&mut self, breaker: Arc<Breaker>, attempt_started: Instant) {
+        self.stream_attempt = Some((breaker, attempt_started));
+        self.first_token();
     }
 
     pub fn set_usage(&mut self, usage: Option<Usage>) {
@@ -109,7 +114,7 @@ impl RequestRecord {
     }
 
     /// The first stream event arrived from upstream.
-    pub fn first_token(&mut self) {
+    fn first_token(&mut self) {
         let now = Instant::now();
         self.ttft = Some(now - self.started);
         self.last_batch = Some(now);
@@ -148,14 +153,14 @@ impl RequestRecord {
     }
 
     /// The end of a stream: clean (`None`) or broken after it started.
-    pub fn finish_stream(self, error: Option<&GatewayError>) {
+    pub fn finish_stream(mut self, error: Option<&GatewayError>) {
         let error_type = match error {
             None => ErrorType::None,
             Some(GatewayError::UpstreamTimeout { .. }) => ErrorType::Timeout,
             Some(GatewayError::UpstreamReset { .. }) => ErrorType::Reset,
             Some(_) => ErrorType::Malformed,
         };
-        self.end_attempt(Some(200), error_type);
+        self.end_stream_attempt(error_type);
         let outcome = error.map(GatewayError::outcome).unwrap_or(Outcome::Success);
         self.finish(200, outcome, error.map(GatewayError::code));
     }
@@ -210,14 +215,26 @@ impl RequestRecord {
     }
 }
 
+impl RequestRecord {
+    /// Records a committed stream's attempt; a break counts against the breaker.
+    fn end_stream_attempt(&mut self, error_type: ErrorType) {
+        let (Some((breaker, started)), Some(upstream)) = (self.stream_attempt.take(), &self.upstream) else {
+            return;
+        };
+        let status = (error_type != ErrorType::Cancelled).then_some(200);
+        crate::layers::record_attempt(&self.metrics, upstream, status, error_type, started);
+        if !matches!(error_type, ErrorType::None | ErrorType::Cancelled) {
+            breaker.on_failure(false, error_type);
+        }
+    }
+}
+
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         if !self.finished {
             // The client disconnected: the handler future or the stream body
             // was dropped. Record it once, the same way as every other ending.
-            if self.attempt_started.is_some() {
-                self.end_attempt(None, ErrorType::Cancelled);
-            }
+            self.end_stream_attempt(ErrorType::Cancelled);
             self.write(CLIENT_CLOSED, Outcome::Cancelled, Some("client_disconnected"));
         }
         self.metrics.in_flight.dec();

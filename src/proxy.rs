@@ -1,18 +1,20 @@
 //! The path of one proxied request, in order:
 //!
+//! 0. load shedding: `server.max_in_flight`, before anything else;
 //! 1. auth: the client key, before the body is read;
 //! 2. body: `Content-Length` checked against `max_body_bytes` before reading,
 //!    and the stream counted while reading (chunked bodies);
 //! 3. parse once (`request::parse`): `model`, `stream`, `messages`;
-//! 4. route: the model's first target by priority;
-//! 5. the upstream attempt (`Upstream::send`) under the first-byte and total
-//!    deadlines;
+//! 4. route: the model's first available target by priority and weight;
+//! 5. the upstream stack (`layers`): retries, failover, hedging, breakers and
+//!    concurrency limits around each attempt, under one deadline;
 //! 6. the reply: a buffered body, or a stream forwarded event by event
 //!    (`streaming::forward`) under the idle and total deadlines.
 //!
 //! The `RequestRecord` follows the request to its end (into the stream body
 //! for streams) and records metrics and the access log exactly once.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,11 +28,12 @@ use tower_http::request_id::RequestId;
 
 use crate::app::{AppState, Runtime};
 use crate::error::{clip, GatewayError};
-use crate::metrics::{ErrorType, Outcome};
+use crate::layers::{self, CallContext};
+use crate::metrics::{Metrics, Outcome};
 use crate::observe::RequestRecord;
 use crate::request::{self, Endpoint};
 use crate::streaming::{self, SseReader};
-use crate::upstream::{forwardable_headers, Attempt, Reply};
+use crate::upstream::{forwardable_headers, Reply};
 
 /// Names the upstream that answered, for debugging through a chain of proxies.
 static UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-relaygate-upstream");
@@ -40,12 +43,15 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
     let runtime = state.runtime();
     let request_id = req.extensions().get::<RequestId>().map(|id| id.header_value().clone());
     let mut record = RequestRecord::new(state.metrics().clone(), started, request_id);
-    if state.is_draining() {
-        // Connections kept alive from before the drain may still send requests.
-        // They are served: the drain is bounded by shutdown_grace anyway.
-        tracing::debug!("request during drain");
-    }
-    let result = run(&runtime, endpoint, req, &mut record, started).await;
+    // Load shedding first: it is the cheapest refusal. The slot is held to
+    // the request's last byte (for a stream, its end).
+    let Some(slot) = state.try_admit() else {
+        let error = GatewayError::Overloaded;
+        record.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
+        return error.into_response();
+    };
+    record.hold(Some(slot));
+    let result = run(&runtime, state.metrics(), endpoint, req, &mut record, started).await;
     // Everything up to here that was not spent waiting on the upstream is
     // relaygate's own time (for streams: up to the first event).
     state
@@ -108,6 +114,7 @@ enum Proxied {
 
 async fn run(
     runtime: &Arc<Runtime>,
+    metrics: &Arc<Metrics>,
     endpoint: Endpoint,
     req: Request,
     record: &mut RequestRecord,
@@ -145,34 +152,42 @@ async fn run(
     let model = &runtime.config.models[model_index];
     record.set_model(runtime.model_labels[model_index].clone(), model.price, parsed.stream);
 
-    let target = &model.targets[0];
-    let upstream = &runtime.upstreams[target.upstream];
-    let deadline = started + upstream.config.request_timeout;
-    let attempt = Attempt {
+    // One deadline for the whole request: the first target's request_timeout.
+    let deadline = started + runtime.upstreams[model.targets[0].upstream].config.request_timeout;
+    let ctx = Arc::new(CallContext {
+        runtime: runtime.clone(),
+        metrics: metrics.clone(),
+        model: model_index,
         endpoint,
-        body: parsed.body_for(&body, &target.model),
+        parsed,
+        body,
         headers: forwardable_headers(&parts.headers),
-        stream: parsed.stream,
         deadline,
-    };
-    let upstream_label = HeaderValue::from_str(&upstream.name).unwrap_or(HeaderValue::from_static("-"));
+        attempts: AtomicU32::new(0),
+    });
+    let first = ctx.first_target()?;
 
-    record.start_attempt(upstream.name.clone());
     let sent = Instant::now();
-    let reply = upstream.send(attempt, runtime.config.server.max_response_bytes).await;
+    let result = layers::call(ctx.clone(), first).await;
     record.add_upstream_wait(sent.elapsed());
-    match reply {
-        Err(e) => {
-            record.end_attempt(e.status, e.error_type);
-            Err(e.error)
+    record.set_attempts(ctx.attempts.load(Ordering::Acquire));
+    let answer = result.map_err(|e| {
+        if let Some(u) = e.upstream {
+            record.set_upstream(runtime.upstreams[u].name.clone());
         }
-        Ok(Reply::Full {
+        e.error
+    })?;
+    let upstream = &runtime.upstreams[answer.upstream];
+    record.set_upstream(upstream.name.clone());
+    record.hold(answer.permit);
+    let upstream_label = HeaderValue::from_str(&upstream.name).unwrap_or(HeaderValue::from_static("-"));
+    match answer.reply {
+        Reply::Full {
             status,
             headers,
             body,
             usage,
-        }) => {
-            record.end_attempt(Some(status.as_u16()), ErrorType::of_status(status.as_u16()));
+        } => {
             record.set_usage(usage);
             Ok(Proxied::Full {
                 status,
@@ -181,13 +196,13 @@ async fn run(
                 upstream: upstream_label,
             })
         }
-        Ok(Reply::Stream {
+        Reply::Stream {
             status,
             headers,
             first,
             reader,
-        }) => {
-            record.first_token();
+        } => {
+            record.commit_stream(upstream.state.breaker.clone(), answer.started);
             Ok(Proxied::Stream {
                 status,
                 headers,

@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics))
+        .merge(crate::admin::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(state)

@@ -184,11 +184,11 @@ impl Sim {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        *self.inner.faults.lock().expect("sim lock") = faults;
+        self.handle().set_faults(faults);
     }
 
     pub fn update(&self, change: impl FnOnce(&mut Faults)) {
-        change(&mut self.inner.faults.lock().expect("sim lock"));
+        self.handle().update(change);
     }
 
     /// Lets stalled streams (`stall_after`) continue.
@@ -213,8 +213,27 @@ impl Sim {
         self.inner.last_stream.lock().expect("sim lock").clone()
     }
 
+    /// A handle that can change faults from another task while `Sim` lives.
+    pub fn handle(&self) -> SimHandle {
+        SimHandle(self.inner.clone())
+    }
+
     pub fn last_request(&self) -> Option<Captured> {
         self.inner.last.lock().expect("sim lock").clone()
+    }
+}
+
+/// Changes a running simulator's faults (see `Sim::handle`).
+#[derive(Clone)]
+pub struct SimHandle(Arc<Inner>);
+
+impl SimHandle {
+    pub fn set_faults(&self, faults: Faults) {
+        *self.0.faults.lock().expect("sim lock") = faults;
+    }
+
+    pub fn update(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.0.faults.lock().expect("sim lock"));
     }
 }
 

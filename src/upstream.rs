@@ -7,16 +7,19 @@
 //!   stream is committed only then, so everything before it (connect errors,
 //!   bad statuses, a silent upstream) is still an ordinary attempt failure.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, TimeoutKind};
+use crate::layers::circuit::Breaker;
 use crate::metrics::ErrorType;
 use crate::request::Endpoint;
 use crate::streaming::{BodyError, ReadError, SseReader};
@@ -24,10 +27,101 @@ use crate::usage::{self, Usage};
 
 pub struct Upstream {
     pub name: Arc<str>,
+    /// Position in `Config::upstreams`.
+    pub index: usize,
     pub config: UpstreamConfig,
+    /// Health that outlives a config reload: breaker, 429 cooldown, latency.
+    pub state: Arc<UpstreamState>,
+    /// `max_concurrency`, when set.
+    pub limit: Option<Arc<Semaphore>>,
     client: reqwest::Client,
     /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
     authorization: Option<HeaderValue>,
+}
+
+/// What relaygate knows about an upstream's health, kept across reloads.
+pub struct UpstreamState {
+    pub breaker: Arc<Breaker>,
+    base: Instant,
+    /// A 429 asked us to leave this upstream alone until then (ms since `base`).
+    cooldown_until: AtomicU64,
+    /// Recent time-to-first-byte samples, for `hedge_after = "p95"`.
+    pub first_byte: LatencyRing,
+}
+
+impl UpstreamState {
+    pub fn new(breaker: Arc<Breaker>) -> Self {
+        Self {
+            breaker,
+            base: Instant::now(),
+            cooldown_until: AtomicU64::new(0),
+            first_byte: LatencyRing::default(),
+        }
+    }
+
+    pub fn cool_for(&self, d: Duration) {
+        let until = (self.base.elapsed() + d).as_millis() as u64;
+        self.cooldown_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Time left on a 429 cooldown (zero when none).
+    pub fn cooldown(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(self.cooldown_until.load(Ordering::Acquire).saturating_sub(now))
+    }
+
+    pub fn clear_cooldown(&self) {
+        self.cooldown_until.store(0, Ordering::Release);
+    }
+}
+
+/// The last `N` latencies, lock-free; good enough for a p95 that decides
+/// when to hedge. Written by hand because a histogram crate would need a
+/// lock or a per-thread merge for the same answer.
+pub struct LatencyRing {
+    samples: Box<[AtomicU32]>,
+    next: AtomicUsize,
+}
+
+const RING: usize = 512;
+/// Fewer samples than this and the p95 is not trusted (no hedge).
+pub const MIN_SAMPLES: usize = 20;
+
+impl Default for LatencyRing {
+    fn default() -> Self {
+        Self {
+            samples: (0..RING).map(|_| AtomicU32::new(0)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl LatencyRing {
+    pub fn record(&self, d: Duration) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let micros = u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1);
+        self.samples[i % RING].store(micros, Ordering::Relaxed);
+    }
+
+    pub fn p95(&self) -> Option<Duration> {
+        let n = self.next.load(Ordering::Relaxed).min(RING);
+        if n < MIN_SAMPLES {
+            return None;
+        }
+        let mut v: Vec<u32> = self
+            .samples
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&m| m > 0)
+            .collect();
+        if v.len() < MIN_SAMPLES {
+            return None;
+        }
+        // Nearest rank: the smallest sample with at least 95% at or below it.
+        let rank = (v.len() * 95).div_ceil(100) - 1;
+        let (_, p95, _) = v.select_nth_unstable(rank);
+        Some(Duration::from_micros(u64::from(*p95)))
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -70,40 +164,104 @@ pub struct AttemptError {
     pub error: GatewayError,
     pub error_type: ErrorType,
     pub status: Option<u16>,
+    /// The upstream's index, once known.
+    pub upstream: Option<usize>,
+}
+
+impl AttemptError {
+    /// The breaker refused: no upstream call was made.
+    pub fn circuit_open(upstream: usize, retry_after: Duration) -> Self {
+        Self {
+            error: GatewayError::CircuitOpen { retry_after },
+            error_type: ErrorType::CircuitOpen,
+            status: None,
+            upstream: Some(upstream),
+        }
+    }
+
+    /// The upstream's `max_concurrency` is reached: no upstream call was made.
+    pub fn overloaded(upstream: usize) -> Self {
+        Self {
+            error: GatewayError::Overloaded,
+            error_type: ErrorType::Overloaded,
+            status: None,
+            upstream: Some(upstream),
+        }
+    }
+}
+
+/// The reqwest client for one upstream: pooled keep-alive connections,
+/// HTTP/2 where the upstream offers it, no redirects (a redirect to another
+/// host would leak the key).
+pub fn http_client(config: &UpstreamConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_while_idle(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("relaygate/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// `Authorization: Bearer <api_key>`, marked sensitive.
+pub fn authorization_header(config: &UpstreamConfig) -> Option<HeaderValue> {
+    let key = config.api_key.as_ref()?;
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// How long an upstream's 429 asks us to wait: `retry-after-ms`, then
+/// `Retry-After` (seconds or an HTTP date), then OpenAI's
+/// `x-ratelimit-reset-requests` / `-tokens` (the longer of the two). A
+/// value that does not parse is ignored.
+pub fn retry_after_hint(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64((ms / 1000.0).min(86_400.0)));
+        }
+    }
+    if let Some(v) = text("retry-after") {
+        if let Ok(secs) = v.parse::<f64>() {
+            if secs.is_finite() && secs >= 0.0 {
+                return Some(Duration::from_secs_f64(secs.min(86_400.0)));
+            }
+        } else if let Ok(at) = httpdate::parse_http_date(v) {
+            return Some(
+                at.duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            );
+        }
+    }
+    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .into_iter()
+        .filter_map(|h| text(h).and_then(|v| humantime::parse_duration(v).ok()))
+        .max()
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true)
-            // Redirects to another host would leak the upstream key.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("relaygate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let authorization = config.api_key.as_ref().and_then(|k| {
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose())).ok()?;
-            v.set_sensitive(true);
-            Some(v)
-        });
+    pub fn new(config: UpstreamConfig, index: usize, state: Arc<UpstreamState>) -> Result<Self, reqwest::Error> {
         Ok(Self {
             name: Arc::from(config.name.as_str()),
+            index,
+            client: http_client(&config)?,
+            authorization: authorization_header(&config),
+            limit: (config.max_concurrency > 0).then(|| Arc::new(Semaphore::new(config.max_concurrency))),
+            state,
             config,
-            client,
-            authorization,
         })
     }
 
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
-    pub fn authorization(&self) -> Option<&HeaderValue> {
-        self.authorization.as_ref()
+    /// Whether a new attempt could go here now: breaker, 429 cooldown and
+    /// concurrency all allow it.
+    pub fn available(&self) -> bool {
+        self.state.breaker.available()
+            && self.state.cooldown().is_zero()
+            && self.limit.as_ref().is_none_or(|l| l.available_permits() > 0)
     }
 
     /// Sends one attempt and reads it up to the point where it can no longer
@@ -277,6 +435,7 @@ impl Upstream {
             error,
             error_type,
             status,
+            upstream: Some(self.index),
         }
     }
 
@@ -367,6 +526,54 @@ fn response_headers(upstream: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_hints() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            retry_after_hint(&m)
+        };
+        assert_eq!(h(&[("retry-after", "2")]), Some(Duration::from_secs(2)));
+        assert_eq!(h(&[("retry-after", "1.5")]), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            h(&[("retry-after-ms", "250"), ("retry-after", "9")]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            h(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]),
+            Some(Duration::ZERO),
+            "a past date"
+        );
+        assert_eq!(
+            h(&[
+                ("x-ratelimit-reset-requests", "1s"),
+                ("x-ratelimit-reset-tokens", "6m0s")
+            ]),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(h(&[("retry-after", "soon")]), None, "garbage is ignored");
+        assert_eq!(h(&[("retry-after", "-3")]), None);
+        assert_eq!(h(&[]), None);
+    }
+
+    #[test]
+    fn p95_is_nearest_rank() {
+        let ring = LatencyRing::default();
+        for ms in 1..=19 {
+            ring.record(Duration::from_millis(ms));
+        }
+        assert_eq!(ring.p95(), None, "too few samples");
+        ring.record(Duration::from_millis(20));
+        // 20 samples: rank ceil(0.95 * 20) = 19 → 19 ms.
+        assert_eq!(ring.p95(), Some(Duration::from_millis(19)));
+        for _ in 0..1000 {
+            ring.record(Duration::from_millis(100));
+        }
+        assert_eq!(ring.p95(), Some(Duration::from_millis(100)));
+    }
 
     #[test]
     fn strips_credentials_and_hop_by_hop() {

@@ -40,8 +40,7 @@ async fn json_round_trip_rewrites_only_the_model_and_swaps_credentials() {
         "unknown fields survive"
     );
     assert_eq!(
-        seen.headers["authorization"],
-        "Bearer sk-upstream-a-secret-9876543210",
+        seen.headers["authorization"], "Bearer sk-upstream-a-secret-9876543210",
         "the upstream key replaces the client's"
     );
     assert_eq!(seen.headers["x-request-id"], "req-from-client-1");
@@ -426,7 +425,12 @@ async fn connection_refused_is_502() {
             &m,
             r#"relaygate_upstream_requests_total{error_type="connect",status="none",upstream="a"}"#
         ),
-        1.0
+        3.0,
+        "retried up to retry.max_attempts"
+    );
+    assert_eq!(
+        metric_value(&m, r#"relaygate_retries_total{reason="connect",upstream="a"}"#),
+        2.0
     );
 }
 
@@ -473,10 +477,14 @@ async fn headers_delayed_past_first_byte_timeout_is_504_and_cancels_upstream() {
     assert!(gw.metric("relaygate_overhead_seconds_sum").await < 0.1);
     eventually(
         Duration::from_secs(2),
-        "the upstream sees both requests abandoned",
-        || async { sim.stats().requests_cancelled == 2 },
+        "the upstream sees every attempt abandoned",
+        || async { sim.stats().requests_cancelled == 5 },
     )
     .await;
+    // 3 attempts for the first request, 2 for the second: the fifth
+    // consecutive timeout opened the breaker, so no sixth call was made.
+    assert_eq!(sim.stats().requests, 5);
+    assert_eq!(gw.metric(r#"relaygate_circuit_state{upstream="a"}"#).await, 2.0);
 }
 
 #[tokio::test]

@@ -101,6 +101,10 @@ shutdown_grace = "5s"
 [admin]
 key = "sk-admin-key-for-tests-000"
 
+[retry]
+base_delay = "10ms"
+max_delay = "50ms"
+
 [[keys]]
 name = "app-a"
 key = "sk-client-app-a-0123456789"

@@ -1,0 +1,126 @@
+//! The admin API, under `/admin`, behind `Authorization: Bearer <[admin] key>`.
+//! Without a configured key it is off (404). A missing key gets 401, a wrong
+//! one 403. Nothing it returns contains a secret: upstreams are shown by
+//! name and host, never by key.
+//!
+//! - `GET  /admin/upstreams`               breaker state, recent counts, cooldowns, last error
+//! - `POST /admin/upstreams/{name}/reset`  force the breaker closed, clear a 429 cooldown
+//! - `POST /admin/upstreams/{name}/open`   drain an upstream by hand (open until reset)
+//! - `POST /admin/reload`                  re-read the config file (like SIGHUP)
+
+use axum::extract::{Path, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http::StatusCode;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use crate::app::AppState;
+use crate::auth::bearer;
+use crate::error::GatewayError;
+use crate::upstream::Upstream;
+
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/admin/upstreams", get(upstreams))
+        .route("/admin/upstreams/{name}/reset", post(reset))
+        .route("/admin/upstreams/{name}/open", post(open))
+        .route("/admin/reload", post(reload))
+        .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
+}
+
+fn admin_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({ "error": { "message": message, "type": "invalid_request_error", "code": code, "param": null } });
+    (status, Json(body)).into_response()
+}
+
+async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let runtime = state.runtime();
+    let Some(key) = &runtime.config.admin_key else {
+        return GatewayError::NotFound {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+        }
+        .into_response();
+    };
+    match bearer(req.headers()) {
+        None => admin_error(StatusCode::UNAUTHORIZED, "missing_admin_key", "The admin API needs 'Authorization: Bearer <admin key>'."),
+        Some(token) if bool::from(key.expose().as_bytes().ct_eq(token)) => next.run(req).await,
+        Some(_) => admin_error(StatusCode::FORBIDDEN, "invalid_admin_key", "Incorrect admin key."),
+    }
+}
+
+/// The public description of one upstream.
+pub fn describe(u: &Upstream) -> Value {
+    let breaker = &u.state.breaker;
+    let (requests, failures, consecutive) = breaker.counts();
+    let host = reqwest::Url::parse(&u.config.base_url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let last_error = breaker.last_error().map(|(class, ago)| {
+        json!({ "class": class.as_str(), "seconds_ago": ago.as_secs_f64() })
+    });
+    json!({
+        "name": &*u.name,
+        "host": host,
+        "breaker": {
+            "state": breaker.state().as_str(),
+            "open_remaining_seconds": breaker.retry_after().as_secs_f64(),
+            "window_requests": requests,
+            "window_failures": failures,
+            "failure_rate": if requests == 0 { 0.0 } else { f64::from(failures) / f64::from(requests) },
+            "consecutive_failures": consecutive,
+        },
+        "cooldown_remaining_seconds": u.state.cooldown().as_secs_f64(),
+        "max_concurrency": u.config.max_concurrency,
+        "available_slots": u.limit.as_ref().map(|l| l.available_permits()),
+        "last_error": last_error,
+    })
+}
+
+async fn upstreams(State(state): State<AppState>) -> Response {
+    let runtime = state.runtime();
+    let list: Vec<Value> = runtime.upstreams.iter().map(describe).collect();
+    Json(json!({ "upstreams": list })).into_response()
+}
+
+/// Applies `action` to the named upstream and answers with its new state.
+fn act_on(state: &AppState, name: &str, action: impl Fn(&Upstream)) -> Response {
+    let runtime = state.runtime();
+    match runtime.upstreams.iter().find(|u| &*u.name == name) {
+        None => admin_error(
+            StatusCode::NOT_FOUND,
+            "upstream_not_found",
+            &format!("No upstream named {:?}.", crate::error::clip(name)),
+        ),
+        Some(u) => {
+            action(u);
+            Json(describe(u)).into_response()
+        }
+    }
+}
+
+async fn reset(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    act_on(&state, &name, |u| {
+        u.state.breaker.reset();
+        u.state.clear_cooldown();
+        tracing::info!(upstream = %u.name, "admin: breaker reset");
+    })
+}
+
+async fn open(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    act_on(&state, &name, |u| {
+        u.state.breaker.force_open();
+        tracing::info!(upstream = %u.name, "admin: upstream drained by hand");
+    })
+}
+
+async fn reload(State(state): State<AppState>) -> Response {
+    match state.reload() {
+        Ok(()) => Json(json!({ "result": "success" })).into_response(),
+        Err(e) => admin_error(StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", &e),
+    }
+}
