@@ -1,5 +1,6 @@
 //! The command line: `serve`, `check`, `doctor`, `demo`.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -91,7 +92,9 @@ pub fn main() -> ExitCode {
 async fn serve(path: &Path, listen: Option<SocketAddr>) -> Result<ExitCode, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let addr = listen.unwrap_or(config.server.listen);
-    let app = crate::build_app(config).map_err(|e| e.to_string())?.with_config_path(path);
+    let app = crate::build_app(config)
+        .map_err(|e| e.to_string())?
+        .with_config_path(path);
     reload_on_sighup(app.state().clone());
     run_server(app, addr).await
 }
@@ -151,14 +154,15 @@ pub async fn shutdown_signal() {
 
 fn check(path: &Path) -> Result<ExitCode, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    println!("{}: OK", path.display());
-    println!("  listen        {}", config.server.listen);
-    println!("  max body      {} bytes", config.server.max_body_bytes);
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: OK", path.display());
+    let _ = writeln!(out, "  listen        {}", config.server.listen);
+    let _ = writeln!(out, "  max body      {} bytes", config.server.max_body_bytes);
+    let _ = writeln!(out, 
         "  shutdown      {}",
         humantime::format_duration(config.server.shutdown_grace)
     );
-    println!(
+    let _ = writeln!(out, 
         "  admin API     {}",
         if config.admin_key.is_some() {
             "on"
@@ -166,7 +170,7 @@ fn check(path: &Path) -> Result<ExitCode, String> {
             "off (no [admin] key)"
         }
     );
-    println!(
+    let _ = writeln!(out, 
         "  client auth   {}",
         if config.keys.is_empty() {
             "OFF (no [[keys]]): any client can use the upstreams".to_owned()
@@ -178,9 +182,9 @@ fn check(path: &Path) -> Result<ExitCode, String> {
             )
         }
     );
-    println!("  upstreams     {}", config.upstreams.len());
+    let _ = writeln!(out, "  upstreams     {}", config.upstreams.len());
     for u in &config.upstreams {
-        println!(
+        let _ = writeln!(out, 
             "    {:<16} {}  key={}  timeouts: connect {} / first byte {} / idle {} / request {}",
             u.name,
             u.base_url,
@@ -191,7 +195,7 @@ fn check(path: &Path) -> Result<ExitCode, String> {
             humantime::format_duration(u.request_timeout),
         );
     }
-    println!("  models        {}", config.models.len());
+    let _ = writeln!(out, "  models        {}", config.models.len());
     for m in &config.models {
         let targets = m.targets.iter().map(|t| {
             format!(
@@ -199,14 +203,21 @@ fn check(path: &Path) -> Result<ExitCode, String> {
                 config.upstreams[t.upstream].name, t.model, t.priority
             )
         });
-        println!(
+        let _ = writeln!(out, 
             "    {:<16} -> {}{}",
             m.name,
             names(targets),
             if m.price.is_some() { "  [priced]" } else { "" }
         );
     }
+    print_out(&out);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout, ignoring a closed pipe (`relaygate check | head`).
+pub fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn names<S: AsRef<str>>(items: impl Iterator<Item = S>) -> String {

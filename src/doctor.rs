@@ -4,6 +4,7 @@
 //! upstream's key) and prints one row with each step's result and latency,
 //! so the failing step is obvious.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
@@ -55,12 +56,13 @@ impl Report {
 pub async fn run(path: &Path) -> Result<ExitCode, String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let reports = check_all(&config).await;
-    println!(
-        "{:<16} {:<28} {:<28} {:<28} {:<36} RESULT",
+    let mut out = format!(
+        "{:<16} {:<28} {:<28} {:<28} {:<36} RESULT\n",
         "UPSTREAM", "DNS", "TCP", "TLS", "GET /models"
     );
     for r in &reports {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<16} {:<28} {:<28} {:<28} {:<36} {}",
             r.upstream,
             r.dns.cell(),
@@ -70,6 +72,7 @@ pub async fn run(path: &Path) -> Result<ExitCode, String> {
             if r.ok() { "OK" } else { "FAIL" }
         );
     }
+    crate::cli::print_out(&out);
     Ok(if reports.iter().all(Report::ok) {
         ExitCode::SUCCESS
     } else {
