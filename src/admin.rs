@@ -46,7 +46,11 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
         .into_response();
     };
     match bearer(req.headers()) {
-        None => admin_error(StatusCode::UNAUTHORIZED, "missing_admin_key", "The admin API needs 'Authorization: Bearer <admin key>'."),
+        None => admin_error(
+            StatusCode::UNAUTHORIZED,
+            "missing_admin_key",
+            "The admin API needs 'Authorization: Bearer <admin key>'.",
+        ),
         Some(token) if bool::from(key.expose().as_bytes().ct_eq(token)) => next.run(req).await,
         Some(_) => admin_error(StatusCode::FORBIDDEN, "invalid_admin_key", "Incorrect admin key."),
     }
@@ -60,9 +64,9 @@ pub fn describe(u: &Upstream) -> Value {
         .ok()
         .and_then(|url| url.host_str().map(str::to_owned))
         .unwrap_or_default();
-    let last_error = breaker.last_error().map(|(class, ago)| {
-        json!({ "class": class.as_str(), "seconds_ago": ago.as_secs_f64() })
-    });
+    let last_error = breaker
+        .last_error()
+        .map(|(class, ago)| json!({ "class": class.as_str(), "seconds_ago": ago.as_secs_f64() }));
     json!({
         "name": &*u.name,
         "host": host,

@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 

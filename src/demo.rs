@@ -124,10 +124,18 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
             humantime::format_duration(args.outage),
             humantime::format_duration(args.outage_every)
         );
-        tokio::spawn(outages(sims[1].faults(), sims[1].handle(), args.outage_every, args.outage));
+        tokio::spawn(outages(
+            sims[1].faults(),
+            sims[1].handle(),
+            args.outage_every,
+            args.outage,
+        ));
     }
     if !args.no_traffic {
-        println!("Driving {} requests/s (--no-traffic to stop it); one summary line per second:", args.rps);
+        println!(
+            "Driving {} requests/s (--no-traffic to stop it); one summary line per second:",
+            args.rps
+        );
         tokio::spawn(traffic(base.clone(), args.rps.max(1), app.state().clone()));
     }
     println!();
@@ -228,7 +236,11 @@ fn summary_line(seconds: u64, s: &mut Second, state: &crate::AppState) -> String
         "[{:>4}s] {:>3} req/s  success {:>5.1}%  p50 {:>5.0}ms  p99 {:>5.0}ms  breakers: {}",
         seconds,
         total,
-        if total == 0 { 100.0 } else { 100.0 * f64::from(s.ok) / f64::from(total) },
+        if total == 0 {
+            100.0
+        } else {
+            100.0 * f64::from(s.ok) / f64::from(total)
+        },
         pct(0.50),
         pct(0.99),
         breakers.join(" ")
