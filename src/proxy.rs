@@ -78,9 +78,10 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             reader,
             idle,
             deadline,
+            strip_usage,
             upstream,
         }) => {
-            let body = streaming::forward(reader, first, idle, deadline, record);
+            let body = streaming::forward(reader, first, idle, deadline, strip_usage, record);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
             let mut response = Response::new(body);
             *response.status_mut() = status;
@@ -108,6 +109,7 @@ enum Proxied {
         reader: SseReader,
         idle: Duration,
         deadline: Instant,
+        strip_usage: bool,
         upstream: HeaderValue,
     },
 }
@@ -210,6 +212,7 @@ async fn run(
                 reader,
                 idle: upstream.config.idle_timeout,
                 deadline,
+                strip_usage: ctx.parsed.inject_usage,
                 upstream: upstream_label,
             })
         }

@@ -35,8 +35,17 @@ impl Endpoint {
 pub struct ParsedRequest {
     pub model: String,
     pub stream: bool,
+    /// A stream whose client did not ask for usage: relaygate asks upstream
+    /// for it (`stream_options.include_usage`) to count tokens, and strips
+    /// the extra usage-only chunk from what the client receives.
+    pub inject_usage: bool,
     /// Byte range of the `model` value (with its quotes) in the body.
     model_span: Range<usize>,
+    /// Where `stream_options` goes: the range of the client's value, or an
+    /// empty range just inside the top-level `{`.
+    stream_options_span: Range<usize>,
+    /// The client's `stream_options` members other than `include_usage`.
+    stream_options_rest: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -47,6 +56,19 @@ struct Probe<'a> {
     stream: Option<&'a RawValue>,
     #[serde(borrow)]
     messages: Option<&'a RawValue>,
+    /// `null` is kept as a value (not `None`), so that relaygate replaces it
+    /// rather than adding a second `stream_options` key.
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// The offset of `part` (borrowed from `text`) within `text`.
+fn offset(text: &str, part: &str) -> usize {
+    part.as_ptr() as usize - text.as_ptr() as usize
 }
 
 /// Validates the body and extracts `model` and `stream`. Every other field
@@ -74,7 +96,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, GatewayEr
         return Err(invalid("Invalid value for 'model': must not be empty.".into()));
     }
     // `RawValue::get` borrows from `text`, so its address gives its offset.
-    let start = raw_model.get().as_ptr() as usize - text.as_ptr() as usize;
+    let start = offset(text, raw_model.get());
     let model_span = start..start + raw_model.get().len();
 
     let stream = match probe.stream.map(RawValue::get) {
@@ -93,26 +115,80 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, GatewayEr
         }
     }
 
+    // Usage for streams: only chat and text completions have stream_options.
+    let mut inject_usage = false;
+    let mut stream_options_span = 0..0;
+    let mut stream_options_rest = None;
+    if stream && endpoint != Endpoint::Embeddings {
+        match probe.stream_options {
+            None => {
+                let brace = text.find('{').unwrap_or(0) + 1;
+                inject_usage = true;
+                stream_options_span = brace..brace;
+            }
+            Some(raw) => {
+                let options: serde_json::Map<String, serde_json::Value> = match raw.get() {
+                    "null" => serde_json::Map::new(),
+                    other => serde_json::from_str(other)
+                        .map_err(|_| invalid("Invalid type for 'stream_options': expected an object.".into()))?,
+                };
+                if options.get("include_usage") != Some(&serde_json::Value::Bool(true)) {
+                    let start = offset(text, raw.get());
+                    inject_usage = true;
+                    stream_options_span = start..start + raw.get().len();
+                    let mut rest = options;
+                    rest.remove("include_usage");
+                    stream_options_rest = Some(serde_json::Value::Object(rest).to_string());
+                }
+            }
+        }
+    }
+
     Ok(ParsedRequest {
         model,
         stream,
+        inject_usage,
         model_span,
+        stream_options_span,
+        stream_options_rest,
     })
 }
 
 impl ParsedRequest {
-    /// The body with `model` replaced by `upstream_model`. When the names are
-    /// equal the client's bytes are reused without a copy.
+    /// The body to send upstream: `model` replaced by `upstream_model` and,
+    /// for a stream, `stream_options.include_usage` set. Only those bytes
+    /// change; when nothing changes the client's bytes are reused.
     pub fn body_for(&self, body: &Bytes, upstream_model: &str) -> Bytes {
-        if upstream_model == self.model {
+        let model_changes = upstream_model != self.model;
+        if !model_changes && !self.inject_usage {
             return body.clone();
         }
-        // A `String` serialises as a JSON string literal; this cannot fail.
-        let literal = serde_json::to_string(upstream_model).unwrap_or_default();
-        let mut out = BytesMut::with_capacity(body.len() + literal.len());
-        out.extend_from_slice(&body[..self.model_span.start]);
-        out.extend_from_slice(literal.as_bytes());
-        out.extend_from_slice(&body[self.model_span.end..]);
+        let mut edits: Vec<(Range<usize>, String)> = Vec::with_capacity(2);
+        if model_changes {
+            // A `String` serialises as a JSON string literal; this cannot fail.
+            edits.push((
+                self.model_span.clone(),
+                serde_json::to_string(upstream_model).unwrap_or_default(),
+            ));
+        }
+        if self.inject_usage {
+            let value = match &self.stream_options_rest {
+                // Inserted as the first member of the top-level object.
+                None => "\"stream_options\":{\"include_usage\":true},".to_owned(),
+                Some(rest) if rest == "{}" => "{\"include_usage\":true}".to_owned(),
+                Some(rest) => format!("{{\"include_usage\":true,{}", &rest[1..]),
+            };
+            edits.push((self.stream_options_span.clone(), value));
+        }
+        edits.sort_by_key(|(range, _)| range.start);
+        let mut out = BytesMut::with_capacity(body.len() + 48);
+        let mut at = 0;
+        for (range, replacement) in edits {
+            out.extend_from_slice(&body[at..range.start]);
+            out.extend_from_slice(replacement.as_bytes());
+            at = range.end;
+        }
+        out.extend_from_slice(&body[at..]);
         out.freeze()
     }
 }
@@ -151,6 +227,44 @@ mod tests {
             r#"{ "model" : "deepseek-v3.2\"q", "messages":[{"content":"model: \"x\""}], "x-unknown": 1.50e3 }"#
         );
         assert_eq!(p.body_for(&body, "deepseek-chat").as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn streams_get_include_usage_injected() {
+        let upstream = |body: &'static str| {
+            let body = Bytes::from_static(body.as_bytes());
+            let p = parse(Endpoint::ChatCompletions, &body).unwrap();
+            let out = p.body_for(&body, "up");
+            (
+                p.inject_usage,
+                serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            )
+        };
+        let (inject, v) = upstream(r#" {"model":"m","messages":[],"stream":true}"#);
+        assert!(inject);
+        assert_eq!(v["stream_options"], serde_json::json!({ "include_usage": true }));
+        assert_eq!(v["model"], "up");
+        let (inject, v) =
+            upstream(r#"{"model":"m","messages":[],"stream":true,"stream_options":{"x":1,"include_usage":false}}"#);
+        assert!(inject);
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({ "include_usage": true, "x": 1 })
+        );
+        let (inject, v) = upstream(r#"{"model":"m","messages":[],"stream":true,"stream_options":null}"#);
+        assert!(inject);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let (inject, v) =
+            upstream(r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert!(!inject, "the client asked for usage itself");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let (inject, _) = upstream(r#"{"model":"m","messages":[]}"#);
+        assert!(!inject, "not a stream");
+        let e = parse(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[],"stream":true,"stream_options":3}"#,
+        );
+        assert!(message(e).contains("stream_options"));
     }
 
     #[test]

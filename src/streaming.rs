@@ -133,12 +133,20 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// been read. Every later batch must arrive within `idle` of the previous
 /// one, and the whole stream within `deadline`. Any failure ends the body
 /// with one SSE error event and no `[DONE]`.
-pub fn forward(reader: SseReader, first: Bytes, idle: Duration, deadline: Instant, record: RequestRecord) -> Body {
+pub fn forward(
+    reader: SseReader,
+    first: Bytes,
+    idle: Duration,
+    deadline: Instant,
+    strip_usage: bool,
+    record: RequestRecord,
+) -> Body {
     struct State {
         reader: SseReader,
         pending: Option<Bytes>,
         idle: Duration,
         deadline: Instant,
+        strip_usage: bool,
         upstream: String,
         record: Option<RequestRecord>,
     }
@@ -147,50 +155,115 @@ pub fn forward(reader: SseReader, first: Bytes, idle: Duration, deadline: Instan
         pending: Some(first),
         idle,
         deadline,
+        strip_usage,
         upstream: record.upstream_name(),
         record: Some(record),
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
-        let record = st.record.as_mut()?;
-        if let Some(first) = st.pending.take() {
-            record.on_stream_batch(&first);
-            return Some((Ok::<_, Infallible>(first), st));
-        }
-        let idle_at = (Instant::now() + st.idle).min(st.deadline);
-        let error = match tokio::time::timeout_at(idle_at, st.reader.next_batch()).await {
-            Ok(Ok(Some(batch))) => {
-                record.on_stream_batch(&batch);
-                return Some((Ok(batch), st));
-            }
-            Ok(Ok(None)) if record.saw_done() => {
-                st.record.take()?.finish_stream(None);
-                return None;
-            }
-            Ok(Ok(None)) | Ok(Err(ReadError::Truncated)) => GatewayError::UpstreamMalformed {
-                upstream: st.upstream.clone(),
-                detail: "the stream ended without [DONE]",
-            },
-            Ok(Err(ReadError::EventTooLarge)) => GatewayError::UpstreamMalformed {
-                upstream: st.upstream.clone(),
-                detail: "an SSE event exceeded 1 MiB",
-            },
-            Ok(Err(ReadError::Reset)) => GatewayError::UpstreamReset {
-                upstream: st.upstream.clone(),
-            },
-            Err(_elapsed) => GatewayError::UpstreamTimeout {
-                upstream: st.upstream.clone(),
-                kind: if idle_at < st.deadline {
-                    TimeoutKind::Idle
-                } else {
-                    TimeoutKind::Request
+        loop {
+            let record = st.record.as_mut()?;
+            let next = match st.pending.take() {
+                Some(first) => Ok(Ok(Some(first))),
+                None => {
+                    let idle_at = (Instant::now() + st.idle).min(st.deadline);
+                    tokio::time::timeout_at(idle_at, st.reader.next_batch())
+                        .await
+                        .map_err(|_| idle_at)
+                }
+            };
+            let error = match next {
+                Ok(Ok(Some(batch))) => {
+                    record.on_stream_batch(&batch);
+                    let batch = if st.strip_usage { strip_usage_only(batch) } else { batch };
+                    if batch.is_empty() {
+                        continue; // it held only the injected usage chunk
+                    }
+                    return Some((Ok::<_, Infallible>(batch), st));
+                }
+                Ok(Ok(None)) if record.saw_done() => {
+                    st.record.take()?.finish_stream(None);
+                    return None;
+                }
+                Ok(Ok(None)) | Ok(Err(ReadError::Truncated)) => GatewayError::UpstreamMalformed {
+                    upstream: st.upstream.clone(),
+                    detail: "the stream ended without [DONE]",
                 },
-            },
-        };
-        let event = error.sse_event();
-        st.record.take()?.finish_stream(Some(&error));
-        Some((Ok(event), st))
+                Ok(Err(ReadError::EventTooLarge)) => GatewayError::UpstreamMalformed {
+                    upstream: st.upstream.clone(),
+                    detail: "an SSE event exceeded 1 MiB",
+                },
+                Ok(Err(ReadError::Reset)) => GatewayError::UpstreamReset {
+                    upstream: st.upstream.clone(),
+                },
+                Err(idle_at) => GatewayError::UpstreamTimeout {
+                    upstream: st.upstream.clone(),
+                    kind: if idle_at < st.deadline {
+                        TimeoutKind::Idle
+                    } else {
+                        TimeoutKind::Request
+                    },
+                },
+            };
+            let event = error.sse_event();
+            st.record.take()?.finish_stream(Some(&error));
+            return Some((Ok(event), st));
+        }
     });
     Body::from_stream(stream)
+}
+
+/// The end offsets of the complete events in `batch`.
+fn event_ends(batch: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    (2..=batch.len()).filter(move |&i| {
+        let w = &batch[..i];
+        (w.ends_with(b"\n\n") && !w.ends_with(b"\r\n\n")) || w.ends_with(b"\r\r") || w.ends_with(b"\r\n\r\n")
+    })
+}
+
+/// Removes usage-only events (`"choices": []` with a `usage` object: the
+/// chunk relaygate asked for on the client's behalf) from a batch of whole
+/// events. Every other byte is kept; a batch without one is returned as is.
+pub fn strip_usage_only(batch: Bytes) -> Bytes {
+    if !contains(&batch, b"\"usage\"") {
+        return batch;
+    }
+    let mut kept = BytesMut::with_capacity(batch.len());
+    let mut start = 0;
+    let mut changed = false;
+    for end in event_ends(&batch) {
+        let event = &batch[start..end];
+        if is_usage_only(event) {
+            changed = true;
+        } else {
+            kept.extend_from_slice(event);
+        }
+        start = end;
+    }
+    kept.extend_from_slice(&batch[start..]);
+    if changed {
+        kept.freeze()
+    } else {
+        batch
+    }
+}
+
+fn is_usage_only(event: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    event
+        .split(|&b| b == b'\n' || b == b'\r')
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .any(|data| {
+            let data = data.strip_prefix(b" ").unwrap_or(data);
+            contains(data, b"\"usage\"")
+                && serde_json::from_slice::<Chunk>(data)
+                    .is_ok_and(|c| c.usage.is_some() && c.choices.is_some_and(|v| v.is_empty()))
+        })
 }
 
 #[cfg(test)]
@@ -242,6 +315,22 @@ mod tests {
         let big: &'static [u8] = Box::leak(vec![b'x'; MAX_EVENT_BYTES + 1].into_boxed_slice());
         let mut r = reader(vec![Ok(big)]);
         assert_eq!(r.next_batch().await.unwrap_err(), ReadError::EventTooLarge);
+    }
+
+    #[test]
+    fn strips_only_the_usage_only_event() {
+        let usage = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n";
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\"\"}}]}\n\n";
+        let done = "data: [DONE]\n\n";
+        let batch = Bytes::from(format!("{content}{usage}{done}"));
+        assert_eq!(strip_usage_only(batch), Bytes::from(format!("{content}{done}")));
+        let only = Bytes::from(usage.to_owned());
+        assert!(strip_usage_only(only).is_empty());
+        // Usage attached to a chunk with choices is the client's data: kept.
+        let mixed = Bytes::from_static(b"data: {\"choices\":[{\"index\":0}],\"usage\":{\"prompt_tokens\":1}}\n\n");
+        assert_eq!(strip_usage_only(mixed.clone()), mixed);
+        let crlf = Bytes::from(format!("{}{}", usage.replace("\n\n", "\r\n\r\n"), done));
+        assert_eq!(strip_usage_only(crlf), Bytes::from_static(done.as_bytes()));
     }
 
     #[test]
