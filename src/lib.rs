@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request;
 pub mod routes;
 pub mod sim;

@@ -1,0 +1,151 @@
+//! The token estimate reserved at admission, before the usage is known.
+//!
+//! It only has to be cheap and in the right range: `Admission::reconcile`
+//! replaces it with the real usage when the response (or the usage chunk of
+//! a stream) arrives.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Bytes per token of English text and JSON for OpenAI-style BPE tokenizers
+/// (the usual rule of thumb; code and non-Latin scripts run denser, and
+/// reconcile corrects either way).
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// An inline `data:` URL (a base64 image or audio clip) counts as 765
+/// tokens, what OpenAI bills for a 1024×1024 image at high detail, instead
+/// of its base64 length / 4, which would be hundreds of times too many.
+const INLINE_MEDIA_TOKENS: u64 = 765;
+
+/// The prompt-side fields of the OpenAI-compatible request bodies
+/// (chat completions, completions, embeddings, responses).
+#[derive(Deserialize)]
+struct Body {
+    messages: Option<Value>,
+    prompt: Option<Value>,
+    input: Option<Value>,
+    instructions: Option<Value>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+    max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    n: Option<u64>,
+}
+
+/// Tokens to reserve for a request: prompt + completion.
+///
+/// - Prompt: the bytes of every string (keys included, which stands in for
+///   the per-message framing of chat formats) under `messages`, `prompt`,
+///   `input`, `instructions`, `tools` and `functions`, divided by 4 and
+///   rounded up; a number (a token-id prompt) counts as one token, an inline
+///   `data:` URL as 765.
+/// - Completion: `max_completion_tokens`, else `max_tokens`, else
+///   `max_output_tokens`, else `default_max_tokens`; times `n` (choices).
+///   Pass `default_max_tokens = 0` for endpoints that generate nothing
+///   (embeddings).
+///
+/// A body that is not a JSON object of that shape: its length / 4 plus
+/// `default_max_tokens`.
+pub fn estimate_tokens(body: &[u8], default_max_tokens: u64) -> u64 {
+    let Ok(b) = serde_json::from_slice::<Body>(body) else {
+        return (body.len() as u64)
+            .div_ceil(BYTES_PER_TOKEN)
+            .saturating_add(default_max_tokens);
+    };
+    let mut count = Count::default();
+    for v in [
+        &b.messages,
+        &b.prompt,
+        &b.input,
+        &b.instructions,
+        &b.tools,
+        &b.functions,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        count.add(v);
+    }
+    let completion = b
+        .max_completion_tokens
+        .or(b.max_tokens)
+        .or(b.max_output_tokens)
+        .unwrap_or(default_max_tokens)
+        .saturating_mul(b.n.unwrap_or(1).max(1));
+    count.tokens().saturating_add(completion)
+}
+
+#[derive(Default)]
+struct Count {
+    bytes: u64,
+    tokens: u64,
+}
+
+impl Count {
+    fn add(&mut self, v: &Value) {
+        match v {
+            Value::String(s) if s.starts_with("data:") => self.tokens += INLINE_MEDIA_TOKENS,
+            Value::String(s) => self.bytes += s.len() as u64,
+            Value::Number(_) => self.tokens += 1,
+            Value::Array(items) => items.iter().for_each(|i| self.add(i)),
+            Value::Object(fields) => {
+                for (k, v) in fields {
+                    self.bytes += k.len() as u64;
+                    self.add(v);
+                }
+            }
+            Value::Bool(_) | Value::Null => {}
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        self.bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(self.tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_prompt_plus_max_tokens() {
+        // "role"(4) + "user"(4) + "content"(7) + 21 bytes of text = 36 bytes = 9 tokens.
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"Say hello in one word"}],"max_tokens":100}"#;
+        assert_eq!(estimate_tokens(body, 1024), 9 + 100);
+        // Without max_tokens: the default; with n choices: n times the completion.
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"Say hello in one word"}],"n":3}"#;
+        assert_eq!(estimate_tokens(body, 1024), 9 + 3 * 1024);
+        // max_completion_tokens wins over max_tokens.
+        let body = br#"{"messages":[],"max_tokens":100,"max_completion_tokens":7}"#;
+        assert_eq!(estimate_tokens(body, 1024), 7);
+    }
+
+    #[test]
+    fn other_shapes() {
+        // Completions with a token-id prompt: one token per id.
+        assert_eq!(estimate_tokens(br#"{"prompt":[1,2,3],"max_tokens":5}"#, 1024), 3 + 5);
+        // Embeddings: pass 0 as the default completion.
+        assert_eq!(estimate_tokens(br#"{"input":["abcd","efgh"]}"#, 0), 2);
+        // Responses API.
+        assert_eq!(
+            estimate_tokens(
+                br#"{"input":"abcdefgh","instructions":"abcd","max_output_tokens":10}"#,
+                1024
+            ),
+            3 + 10
+        );
+        // An inline image counts as a fixed 765, not its base64 length.
+        let image = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{}"}}}}]}}],"max_tokens":0}}"#,
+            "A".repeat(100_000)
+        );
+        let t = estimate_tokens(image.as_bytes(), 1024);
+        assert!((765..800).contains(&t), "{t}");
+        // Not JSON: the length / 4 plus the default.
+        assert_eq!(estimate_tokens(b"not json at all", 10), 4 + 10);
+        assert_eq!(estimate_tokens(b"", 10), 10);
+        // Wrong types are treated like non-JSON, not as zero.
+        assert_eq!(estimate_tokens(br#"{"max_tokens":"lots"}"#, 10), 6 + 10);
+    }
+}
