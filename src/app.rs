@@ -25,6 +25,7 @@ use crate::auth::ClientKeys;
 use crate::config::{Config, UpstreamConfig};
 use crate::layers::circuit::Breaker;
 use crate::metrics::Metrics;
+use crate::ratelimit::Limiter;
 use crate::upstream::{Upstream, UpstreamState};
 
 /// Everything derived from one config.
@@ -71,6 +72,8 @@ impl UpstreamRegistry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("rate limiting: {0}")]
+    RateLimit(String),
     #[error("cannot build the HTTP client for upstream '{upstream}': {source}")]
     Client {
         upstream: String,
@@ -143,6 +146,8 @@ struct Shared {
     started: Instant,
     /// The file `reload` re-reads; unset for apps built from a `Config` value.
     config_path: OnceLock<PathBuf>,
+    /// Built once: its buckets (and its Redis connection) outlive reloads.
+    limiter: Limiter,
 }
 
 impl AppState {
@@ -152,6 +157,10 @@ impl AppState {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.inner.limiter
     }
 
     pub fn is_draining(&self) -> bool {
@@ -181,6 +190,10 @@ impl AppState {
             .and_then(|c| Runtime::new(c, &inner.upstreams, &inner.metrics).map_err(|e| e.to_string()));
         match built {
             Ok(runtime) => {
+                let rule_names = |c: &Config| c.rate_limits.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>();
+                if rule_names(&runtime.config) != rule_names(&inner.runtime.load().config) {
+                    tracing::warn!("rate limit rules changed: they apply at the next start, not on reload");
+                }
                 preregister(&inner.metrics, &runtime);
                 inner.runtime.store(Arc::new(runtime));
                 inner.metrics.config_reloads.with_label_values(&["success"]).inc();
@@ -210,8 +223,17 @@ pub struct App {
 }
 
 /// Builds the gateway for a validated config. Tests call this directly.
-pub fn build_app(config: Config) -> Result<App, BuildError> {
+/// It connects to Redis when the rate limiter uses it (bounded by
+/// `redis_timeout`; an unreachable Redis is not an error: `fail_mode` applies).
+pub async fn build_app(config: Config) -> Result<App, BuildError> {
     let metrics = Arc::new(Metrics::new());
+    let limiter = Limiter::new(
+        config.rate_limit.clone(),
+        config.rate_limits.clone(),
+        metrics.registry(),
+    )
+    .await
+    .map_err(BuildError::RateLimit)?;
     let upstreams = UpstreamRegistry::default();
     let runtime = Runtime::new(config, &upstreams, &metrics)?;
     let in_flight = Arc::new(Semaphore::new(runtime.config.server.max_in_flight));
@@ -228,6 +250,7 @@ pub fn build_app(config: Config) -> Result<App, BuildError> {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             config_path: OnceLock::new(),
+            limiter,
         }),
     };
     let router = crate::routes::router(state.clone());

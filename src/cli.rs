@@ -93,6 +93,7 @@ async fn serve(path: &Path, listen: Option<SocketAddr>) -> Result<ExitCode, Stri
     let config = Config::load(path).map_err(|e| e.to_string())?;
     let addr = listen.unwrap_or(config.server.listen);
     let app = crate::build_app(config)
+        .await
         .map_err(|e| e.to_string())?
         .with_config_path(path);
     reload_on_sighup(app.state().clone());
@@ -158,11 +159,13 @@ fn check(path: &Path) -> Result<ExitCode, String> {
     let _ = writeln!(out, "{}: OK", path.display());
     let _ = writeln!(out, "  listen        {}", config.server.listen);
     let _ = writeln!(out, "  max body      {} bytes", config.server.max_body_bytes);
-    let _ = writeln!(out, 
+    let _ = writeln!(
+        out,
         "  shutdown      {}",
         humantime::format_duration(config.server.shutdown_grace)
     );
-    let _ = writeln!(out, 
+    let _ = writeln!(
+        out,
         "  admin API     {}",
         if config.admin_key.is_some() {
             "on"
@@ -170,7 +173,8 @@ fn check(path: &Path) -> Result<ExitCode, String> {
             "off (no [admin] key)"
         }
     );
-    let _ = writeln!(out, 
+    let _ = writeln!(
+        out,
         "  client auth   {}",
         if config.keys.is_empty() {
             "OFF (no [[keys]]): any client can use the upstreams".to_owned()
@@ -184,7 +188,8 @@ fn check(path: &Path) -> Result<ExitCode, String> {
     );
     let _ = writeln!(out, "  upstreams     {}", config.upstreams.len());
     for u in &config.upstreams {
-        let _ = writeln!(out, 
+        let _ = writeln!(
+            out,
             "    {:<16} {}  key={}  timeouts: connect {} / first byte {} / idle {} / request {}",
             u.name,
             u.base_url,
@@ -203,7 +208,8 @@ fn check(path: &Path) -> Result<ExitCode, String> {
                 config.upstreams[t.upstream].name, t.model, t.priority
             )
         });
-        let _ = writeln!(out, 
+        let _ = writeln!(
+            out,
             "    {:<16} -> {}{}",
             m.name,
             names(targets),

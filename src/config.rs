@@ -87,6 +87,9 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     circuit_breaker: RawBreaker,
+    rate_limit: Option<crate::ratelimit::RawRateLimit>,
+    #[serde(default)]
+    rate_limits: Vec<crate::ratelimit::RawRule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,6 +256,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub keys: Vec<KeyConfig>,
     pub retry: RetryConfig,
+    pub rate_limit: crate::ratelimit::RateLimitSettings,
+    pub rate_limits: Vec<crate::ratelimit::Rule>,
 }
 
 #[derive(Debug, Clone)]
@@ -651,6 +656,16 @@ impl RawConfig {
             return Err(ConfigError::at("keys", "two client keys have the same secret"));
         }
 
+        let (rate_limit, rate_limits) =
+            crate::ratelimit::validate(self.rate_limit, self.rate_limits).map_err(ConfigError::new)?;
+        crate::ratelimit::check_matches(&rate_limits, |scope, name| match scope {
+            crate::ratelimit::Scope::Key => keys.iter().any(|k| k.name == name),
+            crate::ratelimit::Scope::Model => models.iter().any(|m| m.name == name),
+            crate::ratelimit::Scope::Upstream => upstreams.iter().any(|u| u.name == name),
+            crate::ratelimit::Scope::Global => true,
+        })
+        .map_err(ConfigError::new)?;
+
         Ok(Config {
             server,
             admin_key,
@@ -658,6 +673,8 @@ impl RawConfig {
             models,
             keys,
             retry,
+            rate_limit,
+            rate_limits,
         })
     }
 }

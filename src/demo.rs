@@ -86,7 +86,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
         )
     })?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let app = crate::build_app(config).map_err(|e| e.to_string())?;
+    let app = crate::build_app(config).await.map_err(|e| e.to_string())?;
     let base = format!("http://{local}/v1");
     println!("relaygate listening on http://{local}");
     println!();

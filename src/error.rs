@@ -42,6 +42,31 @@ pub enum GatewayError {
     CircuitOpen { retry_after: Duration },
     #[error("relaygate is at its concurrency limit; retry shortly.")]
     Overloaded,
+    #[error("Rate limit reached (rule '{rule}'); retry after {} s.", retry_after_secs(*retry_after))]
+    RateLimited {
+        rule: String,
+        retry_after: Duration,
+        /// `retry-after` and `x-ratelimit-*` (boxed: keeps every `Result` small).
+        headers: Box<http::HeaderMap>,
+    },
+    #[error("The shared rate limiter is unavailable and fail_mode is closed; retry shortly.")]
+    RateLimiterUnavailable { retry_after: Duration },
+}
+
+impl From<crate::ratelimit::Rejection> for GatewayError {
+    fn from(r: crate::ratelimit::Rejection) -> Self {
+        if r.unavailable {
+            GatewayError::RateLimiterUnavailable {
+                retry_after: r.retry_after,
+            }
+        } else {
+            GatewayError::RateLimited {
+                rule: r.rule,
+                retry_after: r.retry_after,
+                headers: Box::new(r.headers),
+            }
+        }
+    }
 }
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1.
@@ -82,7 +107,10 @@ impl GatewayError {
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded | Self::RateLimiterUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -100,7 +128,11 @@ impl GatewayError {
             | Self::UpstreamReset { .. }
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => "upstream_error",
-            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded => "service_unavailable",
+            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded | Self::RateLimiterUnavailable { .. } => {
+                "service_unavailable"
+            }
+            // OpenAI's type for rate limits it counts in requests.
+            Self::RateLimited { .. } => "requests",
         }
     }
 
@@ -124,6 +156,8 @@ impl GatewayError {
             Self::Draining => "shutting_down",
             Self::CircuitOpen { .. } => "circuit_open",
             Self::Overloaded => "overloaded",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::RateLimiterUnavailable { .. } => "rate_limiter_unavailable",
         }
     }
 
@@ -143,6 +177,8 @@ impl GatewayError {
             | Self::UpstreamStatus { .. } => Outcome::UpstreamError,
             Self::Draining | Self::Overloaded => Outcome::Overloaded,
             Self::CircuitOpen { .. } => Outcome::CircuitOpen,
+            Self::RateLimited { .. } => Outcome::RateLimited,
+            Self::RateLimiterUnavailable { .. } => Outcome::Overloaded,
         }
     }
 
@@ -189,8 +225,14 @@ impl IntoResponse for GatewayError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Self::RateLimited { headers, .. } = &self {
+            response.headers_mut().extend((**headers).clone());
+        }
         let retry_after = match &self {
-            Self::CircuitOpen { retry_after } => Some(retry_after_secs(*retry_after)),
+            Self::CircuitOpen { retry_after } | Self::RateLimiterUnavailable { retry_after } => {
+                Some(retry_after_secs(*retry_after))
+            }
+            Self::RateLimited { retry_after, .. } => Some(retry_after_secs(*retry_after)),
             Self::Overloaded | Self::Draining => Some(1),
             _ => None,
         };

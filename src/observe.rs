@@ -14,6 +14,7 @@ use crate::config::Price;
 use crate::error::GatewayError;
 use crate::layers::circuit::Breaker;
 use crate::metrics::{ErrorType, Metrics, Outcome, OTHER, TOKEN_TYPES};
+use crate::ratelimit::Admission;
 use crate::streaming;
 use crate::usage::Usage;
 
@@ -34,6 +35,8 @@ pub struct RequestRecord {
     upstream_wait: Duration,
     /// Concurrency slots held to the request's end.
     permits: Vec<OwnedSemaphorePermit>,
+    /// Rate-limit reservations, reconciled with the real usage at the end.
+    admission: Option<Admission>,
     usage: Option<Usage>,
     ttft: Option<Duration>,
     stream: bool,
@@ -57,6 +60,7 @@ impl RequestRecord {
             stream_attempt: None,
             upstream_wait: Duration::ZERO,
             permits: Vec::new(),
+            admission: None,
             usage: None,
             ttft: None,
             stream: false,
@@ -84,6 +88,20 @@ impl RequestRecord {
 
     pub fn set_attempts(&mut self, attempts: u32) {
         self.attempts = attempts;
+    }
+
+    /// Adds rate-limit reservations (the request's, then the attempt's).
+    pub fn set_admission(&mut self, admission: Admission) {
+        self.admission = Some(match self.admission.take() {
+            Some(earlier) => earlier.merge(admission),
+            None => admission,
+        });
+    }
+
+    /// `x-ratelimit-*` for the response, when a rule matched.
+    pub fn rate_limit_headers(&self) -> Option<http::HeaderMap> {
+        let headers = self.admission.as_ref()?.headers();
+        (!headers.is_empty()).then_some(headers)
     }
 
     /// Keeps a concurrency slot until this request ends.
@@ -172,6 +190,16 @@ impl RequestRecord {
 
     fn write(&mut self, status: u16, outcome: Outcome, error_code: Option<&str>) {
         self.finished = true;
+        if let Some(admission) = self.admission.take() {
+            // Replace the token estimate with the usage. A failed plain
+            // request used none; a stream cut before its usage keeps the
+            // estimate charged (the safe side).
+            if let Some(u) = self.usage {
+                tokio::spawn(admission.reconcile(u.prompt + u.completion));
+            } else if outcome != Outcome::Success && !self.stream {
+                tokio::spawn(admission.reconcile(0));
+            }
+        }
         let elapsed = self.started.elapsed();
         let m = &self.metrics;
         m.requests

@@ -29,7 +29,7 @@ use tower_http::request_id::RequestId;
 use crate::app::{AppState, Runtime};
 use crate::error::{clip, GatewayError};
 use crate::layers::{self, CallContext};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::Outcome;
 use crate::observe::RequestRecord;
 use crate::request::{self, Endpoint};
 use crate::streaming::{self, SseReader};
@@ -51,7 +51,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
         return error.into_response();
     };
     record.hold(Some(slot));
-    let result = run(&runtime, state.metrics(), endpoint, req, &mut record, started).await;
+    let result = run(&runtime, &state, endpoint, req, &mut record, started).await;
     // Everything up to here that was not spent waiting on the upstream is
     // relaygate's own time (for streams: up to the first event).
     state
@@ -65,6 +65,9 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             body,
             upstream,
         }) => {
+            if let Some(limits) = record.rate_limit_headers() {
+                headers.extend(limits);
+            }
             record.finish(status.as_u16(), Outcome::of_status(status.as_u16()), None);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
             let mut response = (status, body).into_response();
@@ -81,6 +84,9 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             strip_usage,
             upstream,
         }) => {
+            if let Some(limits) = record.rate_limit_headers() {
+                headers.extend(limits);
+            }
             let body = streaming::forward(reader, first, idle, deadline, strip_usage, record);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
             let mut response = Response::new(body);
@@ -116,14 +122,15 @@ enum Proxied {
 
 async fn run(
     runtime: &Arc<Runtime>,
-    metrics: &Arc<Metrics>,
+    state: &AppState,
     endpoint: Endpoint,
     req: Request,
     record: &mut RequestRecord,
     started: Instant,
 ) -> Result<Proxied, GatewayError> {
     let (parts, body) = req.into_parts();
-    record.set_key(runtime.keys.authenticate(&parts.headers)?);
+    let key = runtime.keys.authenticate(&parts.headers)?;
+    record.set_key(key.clone());
 
     let limit = runtime.config.server.max_body_bytes;
     let declared = parts
@@ -154,11 +161,26 @@ async fn run(
     let model = &runtime.config.models[model_index];
     record.set_model(runtime.model_labels[model_index].clone(), model.price, parsed.stream);
 
+    // Key, model and global rate limits, once per request (queue rules may
+    // wait here, bounded; a client that leaves drops out of the queue).
+    let limiter = state.limiter();
+    let estimated_tokens = if limiter.has_rules() {
+        let default_max_tokens = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => limiter.settings().default_max_tokens,
+        };
+        let estimate = crate::ratelimit::estimate_tokens(&body, default_max_tokens);
+        record.set_admission(limiter.admit_request(&key, &model.name, estimate).await?);
+        estimate
+    } else {
+        0
+    };
+
     // One deadline for the whole request: the first target's request_timeout.
     let deadline = started + runtime.upstreams[model.targets[0].upstream].config.request_timeout;
     let ctx = Arc::new(CallContext {
         runtime: runtime.clone(),
-        metrics: metrics.clone(),
+        metrics: state.metrics().clone(),
         model: model_index,
         endpoint,
         parsed,
@@ -166,6 +188,8 @@ async fn run(
         headers: forwardable_headers(&parts.headers),
         deadline,
         attempts: AtomicU32::new(0),
+        limiter: limiter.clone(),
+        estimated_tokens,
     });
     let first = ctx.first_target()?;
 
@@ -182,6 +206,9 @@ async fn run(
     let upstream = &runtime.upstreams[answer.upstream];
     record.set_upstream(upstream.name.clone());
     record.hold(answer.permit);
+    if let Some(admission) = answer.admission {
+        record.set_admission(admission);
+    }
     let upstream_label = HeaderValue::from_str(&upstream.name).unwrap_or(HeaderValue::from_static("-"));
     match answer.reply {
         Reply::Full {

@@ -12,6 +12,7 @@
 //!        │                                answer, the same call to the next target; first wins
 //!        └─ Circuit           circuit.rs  the target upstream's breaker: refuses fast when open,
 //!           │                             admits probes when half-open, learns every outcome
+//!           └─ UpstreamLimit  ratelimit.rs upstream-scoped rate limits (the relay account's quota)
 //!           └─ Concurrency    this file   the upstream's max_concurrency: a fast refusal when full
 //!              └─ Attempt     this file   one HTTP exchange (Upstream::send): connect_timeout,
 //!                                         first_byte_timeout and request_timeout are enforced
@@ -21,8 +22,10 @@
 //!
 //! Why this order: the breaker sits inside the hedge and the retry so that
 //! each attempt (a retry, a failover, a hedge) consults and feeds the breaker
-//! of the upstream it actually goes to. The concurrency gate sits inside the
-//! breaker so that a refusal for load is never taken as ill health. The
+//! of the upstream it actually goes to. The upstream rate limit and the
+//! concurrency gate sit inside the breaker so that a refusal for quota or
+//! load is never taken as ill health, and outside the attempt so that a
+//! refused attempt makes no upstream call. The
 //! retry policy is outermost because it owns the request's one deadline.
 //!
 //! Rate limiting (key, model and global scopes) runs before this stack, in
@@ -30,6 +33,7 @@
 
 pub mod circuit;
 pub mod hedge;
+pub mod ratelimit;
 pub mod retry;
 
 use std::future::Future;
@@ -49,6 +53,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use crate::app::Runtime;
 use crate::config::{ModelConfig, TargetConfig};
 use crate::metrics::{ErrorType, Metrics};
+use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
 use crate::upstream::{Attempt, Reply, Upstream};
 
@@ -67,6 +72,9 @@ pub struct CallContext {
     pub deadline: Instant,
     /// Upstream calls made so far (refusals by a breaker or a limit excluded).
     pub attempts: AtomicU32,
+    pub limiter: Limiter,
+    /// Tokens reserved per rate-limit admission before usage is known.
+    pub estimated_tokens: u64,
 }
 
 impl CallContext {
@@ -150,6 +158,8 @@ pub struct Answer {
     pub started: Instant,
     /// Held until the request ends (for a stream, its last byte).
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Upstream-scoped rate-limit reservations, reconciled with the usage.
+    pub admission: Option<Admission>,
 }
 
 /// What an attempt's result means for breakers and retries.
@@ -187,6 +197,8 @@ pub fn classify(result: &Result<Answer, AttemptError>) -> Class {
         },
         Err(e) => match e.error_type {
             ErrorType::CircuitOpen | ErrorType::Overloaded => Class::Skip(e.error_type),
+            // Refused by an upstream-scoped rate limit: no call was made.
+            ErrorType::RateLimited => Class::Skip(ErrorType::RateLimited),
             ErrorType::Timeout
                 if matches!(
                     e.error,
@@ -215,6 +227,7 @@ pub async fn call(ctx: Arc<CallContext>, first: usize) -> Result<Answer, Attempt
         )))
         .layer(hedge::HedgeLayer::new(hedge, budget))
         .layer(circuit::CircuitLayer)
+        .layer(ratelimit::UpstreamLimitLayer)
         .layer(ConcurrencyLayer)
         .service(AttemptService);
     stack.oneshot(Call { target: first, ctx }).await
@@ -328,6 +341,7 @@ impl Service<Call> for AttemptService {
                 upstream: upstream.index,
                 started,
                 permit: None,
+                admission: None,
             })
         })
     }

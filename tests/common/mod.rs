@@ -30,7 +30,7 @@ impl Gateway {
             vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
         })
         .expect("test config is valid");
-        let app = build_app(config).expect("app builds");
+        let app = build_app(config).await.expect("app builds");
         let state = app.state().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
