@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod error;
 pub mod health;
 pub mod layers;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
@@ -25,6 +26,7 @@ pub mod sim;
 pub mod streaming;
 pub mod upstream;
 pub mod usage;
+pub mod usage_report;
 
 pub use app::{build_app, App, AppState};
 pub use config::Config;
