@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
+pub mod otel;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request;
