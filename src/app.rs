@@ -24,9 +24,13 @@ use tower::retry::budget::TpsBudget;
 use crate::auth::ClientKeys;
 use crate::config::{Config, UpstreamConfig};
 use crate::layers::circuit::Breaker;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::observe::Sinks;
+use crate::otel::Exporter;
 use crate::ratelimit::Limiter;
 use crate::upstream::{Upstream, UpstreamState};
+use crate::window::Window;
 
 /// Everything derived from one config.
 pub struct Runtime {
@@ -53,18 +57,17 @@ pub struct UpstreamRegistry {
 
 impl UpstreamRegistry {
     /// The state for `config`, reused when the name and breaker settings are unchanged.
-    pub fn state_for(&self, config: &UpstreamConfig, metrics: &Metrics) -> Arc<UpstreamState> {
+    pub fn state_for(&self, config: &UpstreamConfig, metrics: &Metrics, health_window: Duration) -> Arc<UpstreamState> {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = states.get(&config.name) {
             if s.breaker.config() == &config.circuit_breaker {
                 return s.clone();
             }
         }
-        let state = Arc::new(UpstreamState::new(Breaker::new(
-            &config.name,
-            config.circuit_breaker.clone(),
-            metrics,
-        )));
+        let state = Arc::new(UpstreamState::new(
+            Breaker::new(&config.name, config.circuit_breaker.clone(), metrics),
+            health_window,
+        ));
         states.insert(config.name.clone(), state.clone());
         state
     }
@@ -74,6 +77,8 @@ impl UpstreamRegistry {
 pub enum BuildError {
     #[error("rate limiting: {0}")]
     RateLimit(String),
+    #[error("cannot open the usage ledger: {0}")]
+    Ledger(std::io::Error),
     #[error("cannot build the HTTP client for upstream '{upstream}': {source}")]
     Client {
         upstream: String,
@@ -89,7 +94,8 @@ impl Runtime {
             .iter()
             .enumerate()
             .map(|(i, u)| {
-                Upstream::new(u.clone(), i, registry.state_for(u, metrics)).map_err(|source| BuildError::Client {
+                let state = registry.state_for(u, metrics, config.health.window);
+                Upstream::new(u.clone(), i, state).map_err(|source| BuildError::Client {
                     upstream: u.name.clone(),
                     source,
                 })
@@ -139,6 +145,8 @@ pub struct AppState {
 struct Shared {
     runtime: ArcSwap<Runtime>,
     metrics: Arc<Metrics>,
+    /// Where finished requests are recorded (metrics, /health, ledger, traces).
+    sinks: Arc<Sinks>,
     upstreams: UpstreamRegistry,
     /// `server.max_in_flight`: one permit per request, held to its last byte.
     in_flight: Arc<Semaphore>,
@@ -157,6 +165,10 @@ impl AppState {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    pub fn sinks(&self) -> &Arc<Sinks> {
+        &self.inner.sinks
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -208,6 +220,22 @@ impl AppState {
         }
     }
 
+    /// Writes out the ledger and the trace spans still queued (on shutdown).
+    pub async fn flush(&self) {
+        let sinks = &self.inner.sinks;
+        if let Some(ledger) = &sinks.ledger {
+            if tokio::time::timeout(Duration::from_secs(10), ledger.close())
+                .await
+                .is_err()
+            {
+                tracing::error!("usage ledger: could not write out every line within 10 s");
+            }
+        }
+        if let Some(otel) = &sinks.otel {
+            otel.shutdown().await;
+        }
+    }
+
     /// A slot under `server.max_in_flight`, or `None` when full. tower's
     /// `ConcurrencyLimit` is not used because it frees its slot when the
     /// response headers go out, and a stream must hold its slot to the end.
@@ -234,6 +262,20 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
     )
     .await
     .map_err(BuildError::RateLimit)?;
+    let ledger = match &config.ledger {
+        None => None,
+        Some(l) => Some(Ledger::open(&l.path, l.capacity, metrics.ledger_dropped.clone()).map_err(BuildError::Ledger)?),
+    };
+    let otel = config
+        .otel
+        .as_ref()
+        .map(|o| Exporter::start(&o.endpoint, &o.service_name));
+    let sinks = Arc::new(Sinks {
+        metrics: metrics.clone(),
+        window: Window::new(config.health.window),
+        ledger,
+        otel,
+    });
     let upstreams = UpstreamRegistry::default();
     let runtime = Runtime::new(config, &upstreams, &metrics)?;
     let in_flight = Arc::new(Semaphore::new(runtime.config.server.max_in_flight));
@@ -245,6 +287,7 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
         inner: Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
+            sinks,
             upstreams,
             in_flight,
             draining: AtomicBool::new(false),
@@ -303,7 +346,7 @@ impl App {
             tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
             notify.notify_one();
         });
-        tokio::select! {
+        let result = tokio::select! {
             result = server.into_future() => result,
             _ = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(
@@ -312,6 +355,8 @@ impl App {
                 );
                 Ok(())
             }
-        }
+        };
+        self.state.flush().await;
+        result
     }
 }

@@ -53,6 +53,8 @@ pub enum Command {
     },
     /// Run the gateway in front of simulated upstreams: no key, no network.
     Demo(crate::demo::DemoArgs),
+    /// Totals from a usage ledger (requests, tokens by type, cost), to compare with a provider's bill.
+    Usage(crate::usage_report::UsageArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,7 @@ pub fn main() -> ExitCode {
             Command::Check { config } => check(&config.config),
             Command::Doctor { config } => crate::doctor::run(&config.config).await,
             Command::Demo(args) => crate::demo::run(args).await,
+            Command::Usage(args) => crate::usage_report::run(args),
         }
     });
     match result {

@@ -90,6 +90,53 @@ struct RawConfig {
     rate_limit: Option<crate::ratelimit::RawRateLimit>,
     #[serde(default)]
     rate_limits: Vec<crate::ratelimit::RawRule>,
+    ledger: Option<RawLedger>,
+    otel: Option<RawOtel>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    path: PathBuf,
+    #[serde(default = "d_ledger_capacity")]
+    capacity: usize,
+}
+
+fn d_ledger_capacity() -> usize {
+    8192
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOtel {
+    endpoint: String,
+    #[serde(default = "d_service_name")]
+    service_name: String,
+}
+
+fn d_service_name() -> String {
+    "relaygate".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    #[serde(deserialize_with = "duration")]
+    window: Duration,
+    degraded_below: f64,
+    unhealthy_below: f64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(300),
+            degraded_below: 0.99,
+            unhealthy_below: 0.90,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +305,35 @@ pub struct Config {
     pub retry: RetryConfig,
     pub rate_limit: crate::ratelimit::RateLimitSettings,
     pub rate_limits: Vec<crate::ratelimit::Rule>,
+    pub ledger: Option<LedgerConfig>,
+    pub otel: Option<OtelConfig>,
+    pub health: HealthConfig,
+}
+
+/// `[ledger]`: one JSON line per finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerConfig {
+    pub path: PathBuf,
+    /// Lines waiting to be written; beyond it lines are dropped and counted.
+    pub capacity: usize,
+}
+
+/// `[otel]`: OTLP/HTTP trace export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtelConfig {
+    /// The collector's OTLP/HTTP base URL (port 4318 by convention).
+    pub endpoint: String,
+    pub service_name: String,
+}
+
+/// `[health]`: the `/health` window and its thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub window: Duration,
+    /// Success rate below which `/health` says `degraded`.
+    pub degraded_below: f64,
+    /// Success rate below which `/health` says `unhealthy`.
+    pub unhealthy_below: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -666,6 +742,53 @@ impl RawConfig {
         })
         .map_err(ConfigError::new)?;
 
+        let ledger = match self.ledger {
+            None => None,
+            Some(l) if l.path.as_os_str().is_empty() => {
+                return Err(ConfigError::at(
+                    "ledger.path",
+                    "must not be empty; remove [ledger] to turn it off",
+                ))
+            }
+            Some(l) => Some(LedgerConfig {
+                path: l.path,
+                capacity: l.capacity.max(1),
+            }),
+        };
+        let otel = match self.otel {
+            None => None,
+            Some(o) => {
+                crate::otel::check_endpoint(&o.endpoint).map_err(|e| ConfigError::at("otel.endpoint", e))?;
+                Some(OtelConfig {
+                    endpoint: o.endpoint,
+                    service_name: o.service_name,
+                })
+            }
+        };
+        let h = self.health;
+        if h.window < Duration::from_secs(10) {
+            return Err(ConfigError::at("health.window", "must be at least 10s"));
+        }
+        for (key, v) in [
+            ("degraded_below", h.degraded_below),
+            ("unhealthy_below", h.unhealthy_below),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(ConfigError::at(&format!("health.{key}"), "must be between 0 and 1"));
+            }
+        }
+        if h.unhealthy_below > h.degraded_below {
+            return Err(ConfigError::at(
+                "health.unhealthy_below",
+                "must not be above degraded_below",
+            ));
+        }
+        let health = HealthConfig {
+            window: h.window,
+            degraded_below: h.degraded_below,
+            unhealthy_below: h.unhealthy_below,
+        };
+
         Ok(Config {
             server,
             admin_key,
@@ -675,6 +798,9 @@ impl RawConfig {
             retry,
             rate_limit,
             rate_limits,
+            ledger,
+            otel,
+            health,
         })
     }
 }

@@ -4,9 +4,10 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::app::AppState;
+use crate::layers::circuit::State as BreakerState;
 
 pub async fn live() -> Response {
     Json(json!({ "status": "alive" })).into_response()
@@ -20,21 +21,53 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// `/health`: status over the rolling window (`health.window`, 5 minutes by
+/// default), overall and per upstream, with breaker states.
+///
+/// - `degraded`: success below `health.degraded_below` (99%), or any breaker open;
+/// - `unhealthy`: success below `health.unhealthy_below` (90%), or every breaker open;
+/// - `draining`: shutting down.
+///
+/// The HTTP status is 503 for `unhealthy` and `draining`, else 200.
 pub async fn summary(State(state): State<AppState>) -> Response {
     let runtime = state.runtime();
-    let upstreams: Vec<_> = runtime.upstreams.iter().map(|u| json!({ "name": &*u.name })).collect();
-    let status = if state.is_draining() { "draining" } else { "healthy" };
-    let code = if state.is_draining() {
+    let cfg = &runtime.config.health;
+    let overall = state.sinks().window.summary();
+    let mut open = 0;
+    let upstreams: Vec<Value> = runtime
+        .upstreams
+        .iter()
+        .map(|u| {
+            let breaker = u.state.breaker.state();
+            if matches!(breaker, BreakerState::Open | BreakerState::ForcedOpen) {
+                open += 1;
+            }
+            let mut v = serde_json::to_value(u.state.window.summary()).unwrap_or_default();
+            v["name"] = json!(&*u.name);
+            v["breaker"] = json!(breaker.as_str());
+            v
+        })
+        .collect();
+    let rate = overall.success_rate;
+    let status = if state.is_draining() {
+        "draining"
+    } else if (open > 0 && open == upstreams.len()) || rate.is_some_and(|r| r < cfg.unhealthy_below) {
+        "unhealthy"
+    } else if open > 0 || rate.is_some_and(|r| r < cfg.degraded_below) {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let code = if matches!(status, "unhealthy" | "draining") {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
-    let body = json!({
-        "status": status,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": state.uptime().as_secs(),
-        "in_flight": state.metrics().in_flight.get(),
-        "upstreams": upstreams,
-    });
+    let mut body = serde_json::to_value(&overall).unwrap_or_default();
+    body["status"] = json!(status);
+    body["version"] = json!(env!("CARGO_PKG_VERSION"));
+    body["uptime_seconds"] = json!(state.uptime().as_secs());
+    body["in_flight"] = json!(state.metrics().in_flight.get());
+    body["upstreams"] = json!(upstreams);
     (code, Json(body)).into_response()
 }

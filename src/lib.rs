@@ -28,6 +28,7 @@ pub mod streaming;
 pub mod upstream;
 pub mod usage;
 pub mod usage_report;
+pub mod window;
 
 pub use app::{build_app, App, AppState};
 pub use config::Config;

@@ -9,8 +9,8 @@
 //! process do not share counters.
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The label for a model or upstream that is not in the config.
@@ -170,6 +170,7 @@ pub struct Metrics {
     pub hedges: IntCounterVec,
     pub circuit_state: IntGaugeVec,
     pub circuit_transitions: IntCounterVec,
+    pub ledger_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -345,6 +346,10 @@ impl Metrics {
                     &["upstream", "from", "to"],
                 ),
             ),
+            ledger_dropped: reg(r, IntCounter::new(
+                "relaygate_ledger_dropped_total",
+                "Usage ledger lines dropped: the writer fell behind, a write failed, or the line came after shutdown.",
+            )),
             registry,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

@@ -1,11 +1,16 @@
 //! One record per client request: it follows the request (into the stream
-//! body, for streams) and, exactly once at the end, writes the metrics and the
-//! one access-log line. If the request is dropped before it finishes (the
-//! client went away), `Drop` records it as cancelled.
+//! body, for streams) and, exactly once at the end, writes everything that
+//! observes requests: the metrics, the `/health` windows, the access-log line,
+//! the usage ledger and the trace spans. If the request is dropped before it
+//! finishes (the client went away), `Drop` records it as cancelled.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::Bytes;
 use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -13,17 +18,51 @@ use tokio::time::Instant;
 use crate::config::Price;
 use crate::error::GatewayError;
 use crate::layers::circuit::Breaker;
+use crate::ledger::{Ledger, LedgerLine};
 use crate::metrics::{ErrorType, Metrics, Outcome, OTHER, TOKEN_TYPES};
+use crate::otel::{AttemptSpan, Exporter, RequestSpan, TraceContext};
 use crate::ratelimit::Admission;
+use crate::request::Endpoint;
 use crate::streaming;
+use crate::upstream::{Upstream, UpstreamState};
 use crate::usage::Usage;
+use crate::window::{Sample, Window};
 
 /// The status logged for a request the client abandoned (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
 
+/// Where finished requests are recorded; one per app.
+pub struct Sinks {
+    pub metrics: Arc<Metrics>,
+    /// All requests, for `/health`.
+    pub window: Window,
+    pub ledger: Option<Ledger>,
+    pub otel: Option<Exporter>,
+}
+
+/// The trace of one request, when OTLP export is on.
+pub struct Trace {
+    pub context: TraceContext,
+    pub span_id: [u8; 8],
+    pub started: SystemTime,
+    /// Filled by the attempts (see `layers::AttemptService`).
+    pub attempts: Arc<Mutex<Vec<AttemptSpan>>>,
+}
+
 pub struct RequestRecord {
+    sinks: Arc<Sinks>,
     metrics: Arc<Metrics>,
     started: Instant,
+    endpoint: Endpoint,
+    upstream_model: Option<String>,
+    upstream_state: Option<Arc<UpstreamState>>,
+    /// The client's body, kept (by reference count) to estimate prompt tokens
+    /// for a stream that ends before its usage chunk.
+    body: Option<Bytes>,
+    /// Stream chunks with content, the completion estimate without usage.
+    content_events: u64,
+    usage_estimated: bool,
+    trace: Option<Trace>,
     request_id: Option<HeaderValue>,
     key: Arc<str>,
     model: Arc<str>,
@@ -46,11 +85,20 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(metrics: Arc<Metrics>, started: Instant, request_id: Option<HeaderValue>) -> Self {
+    pub fn new(sinks: Arc<Sinks>, endpoint: Endpoint, started: Instant, request_id: Option<HeaderValue>) -> Self {
+        let metrics = sinks.metrics.clone();
         metrics.in_flight.inc();
         Self {
+            sinks,
             metrics,
             started,
+            endpoint,
+            upstream_model: None,
+            upstream_state: None,
+            body: None,
+            content_events: 0,
+            usage_estimated: false,
+            trace: None,
             request_id,
             key: Arc::from("-"),
             model: Arc::from(OTHER),
@@ -82,8 +130,35 @@ impl RequestRecord {
     }
 
     /// The upstream that answered (or, for an error, the last one tried).
-    pub fn set_upstream(&mut self, upstream: Arc<str>) {
-        self.upstream = Some(upstream);
+    pub fn set_upstream(&mut self, upstream: &Upstream, upstream_model: Option<&str>) {
+        self.upstream = Some(upstream.name.clone());
+        self.upstream_state = Some(upstream.state.clone());
+        self.upstream_model = upstream_model.map(str::to_owned);
+    }
+
+    pub fn set_body(&mut self, body: Bytes) {
+        self.body = Some(body);
+    }
+
+    /// Starts the request's trace (OTLP export on): continues the client's
+    /// `traceparent` if it sent one. Returns the attempts' span list.
+    pub fn start_trace(&mut self, headers: &http::HeaderMap) -> Option<(TraceContext, Arc<Mutex<Vec<AttemptSpan>>>)> {
+        self.sinks.otel.as_ref()?;
+        let context = TraceContext::from_headers(headers);
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let span_id = crate::otel::new_span_id();
+        self.trace = Some(Trace {
+            context,
+            span_id,
+            started: SystemTime::now() - self.started.elapsed(),
+            attempts: attempts.clone(),
+        });
+        // Attempts are children of the request span.
+        let child = TraceContext {
+            parent_span_id: Some(span_id),
+            ..context
+        };
+        Some((child, attempts))
     }
 
     pub fn set_attempts(&mut self, attempts: u32) {
@@ -158,6 +233,7 @@ impl RequestRecord {
         self.last_batch = Some(now);
         let info = streaming::inspect(batch);
         self.saw_done |= info.done;
+        self.content_events += info.content_events;
         self.set_usage(info.usage);
     }
 
@@ -190,6 +266,20 @@ impl RequestRecord {
 
     fn write(&mut self, status: u16, outcome: Outcome, error_code: Option<&str>) {
         self.finished = true;
+        if self.usage.is_none() && self.stream && self.ttft.is_some() {
+            // A stream cut before its usage chunk: count what was seen.
+            let prompt = self
+                .body
+                .as_ref()
+                .map_or(0, |b| crate::ratelimit::estimate_tokens(b, 0));
+            self.usage = Some(Usage {
+                prompt,
+                completion: self.content_events,
+                cached_prompt: 0,
+                reasoning: 0,
+            });
+            self.usage_estimated = true;
+        }
         if let Some(admission) = self.admission.take() {
             // Replace the token estimate with the usage. A failed plain
             // request used none; a stream cut before its usage keeps the
@@ -222,7 +312,16 @@ impl RequestRecord {
                 }
             }
         }
-        let request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let request_id = request_id.as_str();
+        self.observe_health(elapsed, outcome);
+        self.write_ledger(request_id, status, outcome, elapsed);
+        self.export_trace(status, outcome);
         tracing::info!(
             target: "relaygate::access",
             request_id,
@@ -238,8 +337,80 @@ impl RequestRecord {
             ttft_ms = self.ttft.map(|t| t.as_secs_f64() * 1000.0),
             prompt_tokens = self.usage.map(|u| u.prompt),
             completion_tokens = self.usage.map(|u| u.completion),
+            usage_estimated = self.usage_estimated,
             "request"
         );
+    }
+
+    fn observe_health(&self, elapsed: Duration, outcome: Outcome) {
+        let sample = Sample {
+            latency: elapsed,
+            ttft: self.ttft,
+            // The same requests the availability SLO counts.
+            eligible: !matches!(
+                outcome,
+                Outcome::ClientError | Outcome::RateLimited | Outcome::Cancelled
+            ),
+            ok: outcome == Outcome::Success,
+        };
+        self.sinks.window.record(&sample);
+        if let Some(state) = &self.upstream_state {
+            state.window.record(&sample);
+        }
+    }
+
+    fn write_ledger(&self, request_id: &str, status: u16, outcome: Outcome, elapsed: Duration) {
+        let Some(ledger) = &self.sinks.ledger else {
+            return;
+        };
+        let usage = self.usage.unwrap_or_default();
+        ledger.record(LedgerLine {
+            time: crate::ledger::format_time(SystemTime::now()),
+            request_id: request_id.to_owned(),
+            key: self.key.to_string(),
+            model: self.model.to_string(),
+            upstream: self.upstream.as_deref().map(str::to_owned),
+            upstream_model: self.upstream_model.clone(),
+            status,
+            outcome: outcome.as_str().to_owned(),
+            stream: self.stream,
+            prompt_tokens: usage.prompt,
+            completion_tokens: usage.completion,
+            cached_tokens: usage.cached_prompt,
+            reasoning_tokens: usage.reasoning,
+            billable_input_tokens: usage.prompt.saturating_sub(usage.cached_prompt),
+            billable_output_tokens: usage.completion,
+            cost_usd: self.price.map_or(0.0, |p| usage.cost(&p)),
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1000.0),
+            attempts: self.attempts,
+            usage_estimated: self.usage_estimated,
+            shadow: false,
+        });
+    }
+
+    fn export_trace(&mut self, status: u16, outcome: Outcome) {
+        let (Some(exporter), Some(trace)) = (&self.sinks.otel, self.trace.take()) else {
+            return;
+        };
+        let attempts = std::mem::take(&mut *trace.attempts.lock().unwrap_or_else(|e| e.into_inner()));
+        exporter.export(RequestSpan {
+            context: trace.context,
+            span_id: trace.span_id,
+            operation: self.endpoint.operation(),
+            model: self.model.to_string(),
+            start: trace.started,
+            end: SystemTime::now(),
+            status,
+            outcome: outcome.as_str().to_owned(),
+            stream: self.stream,
+            key: self.key.to_string(),
+            response_model: self.upstream_model.clone(),
+            input_tokens: self.usage.map(|u| u.prompt),
+            output_tokens: self.usage.map(|u| u.completion),
+            ttft: self.ttft,
+            attempts,
+        });
     }
 }
 

@@ -42,7 +42,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
     let started = Instant::now();
     let runtime = state.runtime();
     let request_id = req.extensions().get::<RequestId>().map(|id| id.header_value().clone());
-    let mut record = RequestRecord::new(state.metrics().clone(), started, request_id);
+    let mut record = RequestRecord::new(state.sinks().clone(), endpoint, started, request_id);
     // Load shedding first: it is the cheapest refusal. The slot is held to
     // the request's last byte (for a stream, its end).
     let Some(slot) = state.try_admit() else {
@@ -154,6 +154,7 @@ async fn run(
         .to_bytes();
 
     let parsed = request::parse(endpoint, &body)?;
+    record.set_body(body.clone());
     let model_index = *runtime
         .models
         .get(&parsed.model)
@@ -190,6 +191,7 @@ async fn run(
         attempts: AtomicU32::new(0),
         limiter: limiter.clone(),
         estimated_tokens,
+        trace: record.start_trace(&parts.headers),
     });
     let first = ctx.first_target()?;
 
@@ -199,12 +201,12 @@ async fn run(
     record.set_attempts(ctx.attempts.load(Ordering::Acquire));
     let answer = result.map_err(|e| {
         if let Some(u) = e.upstream {
-            record.set_upstream(runtime.upstreams[u].name.clone());
+            record.set_upstream(&runtime.upstreams[u], None);
         }
         e.error
     })?;
     let upstream = &runtime.upstreams[answer.upstream];
-    record.set_upstream(upstream.name.clone());
+    record.set_upstream(upstream, Some(&model.targets[answer.target].model));
     record.hold(answer.permit);
     if let Some(admission) = answer.admission {
         record.set_admission(admission);

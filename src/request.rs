@@ -20,6 +20,15 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// `gen_ai.operation.name` for traces.
+    pub fn operation(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "text_completion",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
     /// The path appended to an upstream's `base_url` (which ends in `/v1`).
     pub fn upstream_path(self) -> &'static str {
         match self {

@@ -103,6 +103,9 @@ pub struct BatchInfo {
     pub done: bool,
     /// The last usage object in the batch.
     pub usage: Option<Usage>,
+    /// Events that carry generated text (`"content":"…"` or `"text":"…"`,
+    /// non-empty): the completion-token estimate when usage never comes.
+    pub content_events: u64,
 }
 
 /// Reads the `data:` lines of a batch of complete events. Only lines that
@@ -116,7 +119,17 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
         let data = data.strip_prefix(b" ").unwrap_or(data);
         if data == b"[DONE]" {
             info.done = true;
-        } else if contains(data, b"\"usage\"") {
+            continue;
+        }
+        let has_text = |key: &[u8]| {
+            data.windows(key.len())
+                .position(|w| w == key)
+                .is_some_and(|at| data.get(at + key.len()).is_some_and(|&c| c != b'"'))
+        };
+        if has_text(b"\"content\":\"") || has_text(b"\"text\":\"") {
+            info.content_events += 1;
+        }
+        if contains(data, b"\"usage\"") {
             if let Ok(Some(u)) = usage::from_json(data) {
                 info.usage = Some(u);
             }

@@ -24,6 +24,7 @@ use crate::metrics::ErrorType;
 use crate::request::Endpoint;
 use crate::streaming::{BodyError, ReadError, SseReader};
 use crate::usage::{self, Usage};
+use crate::window::Window;
 
 pub struct Upstream {
     pub name: Arc<str>,
@@ -47,15 +48,18 @@ pub struct UpstreamState {
     cooldown_until: AtomicU64,
     /// Recent time-to-first-byte samples, for `hedge_after = "p95"`.
     pub first_byte: LatencyRing,
+    /// Requests this upstream answered, for `/health`.
+    pub window: Window,
 }
 
 impl UpstreamState {
-    pub fn new(breaker: Arc<Breaker>) -> Self {
+    pub fn new(breaker: Arc<Breaker>, health_window: Duration) -> Self {
         Self {
             breaker,
             base: Instant::now(),
             cooldown_until: AtomicU64::new(0),
             first_byte: LatencyRing::default(),
+            window: Window::new(health_window),
         }
     }
 

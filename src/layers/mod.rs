@@ -39,7 +39,7 @@ pub mod retry;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,6 +53,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use crate::app::Runtime;
 use crate::config::{ModelConfig, TargetConfig};
 use crate::metrics::{ErrorType, Metrics};
+use crate::otel::{AttemptSpan, TraceContext};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
 use crate::upstream::{Attempt, Reply, Upstream};
@@ -75,6 +76,9 @@ pub struct CallContext {
     pub limiter: Limiter,
     /// Tokens reserved per rate-limit admission before usage is known.
     pub estimated_tokens: u64,
+    /// With OTLP export on: the trace context for attempt spans (parent =
+    /// the request span) and where the attempts put their spans.
+    pub trace: Option<(TraceContext, Arc<Mutex<Vec<AttemptSpan>>>)>,
 }
 
 impl CallContext {
@@ -154,6 +158,8 @@ impl Call {
 /// A successful attempt (any HTTP status that is passed through).
 pub struct Answer {
     pub reply: Reply,
+    /// Index into the model's targets.
+    pub target: usize,
     pub upstream: usize,
     pub started: Instant,
     /// Held until the request ends (for a stream, its last byte).
@@ -306,10 +312,16 @@ impl Service<Call> for AttemptService {
             let upstream = call.upstream();
             let target = &ctx.model().targets[call.target];
             ctx.attempts.fetch_add(1, Ordering::AcqRel);
+            let mut headers = ctx.headers.clone();
+            let span = ctx.trace.as_ref().map(|(context, _)| {
+                let id = crate::otel::new_span_id();
+                headers.insert(http::HeaderName::from_static("traceparent"), context.traceparent(id));
+                (id, std::time::SystemTime::now())
+            });
             let attempt = Attempt {
                 endpoint: ctx.endpoint,
                 body: ctx.parsed.body_for(&ctx.body, &target.model),
-                headers: ctx.headers.clone(),
+                headers,
                 stream: ctx.parsed.stream,
                 deadline: ctx.deadline,
             };
@@ -323,6 +335,14 @@ impl Service<Call> for AttemptService {
                 .send(attempt, ctx.runtime.config.server.max_response_bytes)
                 .await;
             let started = guard.started;
+            if let (Some(span), Some((_, spans))) = (span, &ctx.trace) {
+                spans.lock().unwrap_or_else(|e| e.into_inner()).push(attempt_span(
+                    span,
+                    upstream,
+                    &target.model,
+                    &result,
+                ));
+            }
             match &result {
                 Ok(Reply::Stream { .. }) => {
                     upstream.state.first_byte.record(started.elapsed());
@@ -338,12 +358,40 @@ impl Service<Call> for AttemptService {
             }
             result.map(|reply| Answer {
                 reply,
+                target: call.target,
                 upstream: upstream.index,
                 started,
                 permit: None,
                 admission: None,
             })
         })
+    }
+}
+
+/// The trace span of one finished attempt.
+fn attempt_span(
+    (span_id, start): ([u8; 8], std::time::SystemTime),
+    upstream: &Upstream,
+    upstream_model: &str,
+    result: &Result<Reply, AttemptError>,
+) -> AttemptSpan {
+    let (status, error_type) = match result {
+        Ok(Reply::Full { status, .. }) | Ok(Reply::Stream { status, .. }) => (Some(status.as_u16()), None),
+        Err(e) => (e.status, Some(e.error_type.as_str().to_owned())),
+    };
+    let server_address = reqwest::Url::parse(&upstream.config.base_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    AttemptSpan {
+        span_id,
+        upstream: upstream.name.to_string(),
+        upstream_model: upstream_model.to_owned(),
+        server_address,
+        start,
+        end: std::time::SystemTime::now(),
+        status,
+        error_type,
     }
 }
 
