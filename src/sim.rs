@@ -52,6 +52,8 @@ pub struct Faults {
     pub split_events: bool,
     /// Cached prompt tokens reported in `usage`.
     pub cached_tokens: u64,
+    /// Reasoning tokens reported in `usage.completion_tokens_details`.
+    pub reasoning_tokens: u64,
     /// Require this bearer key (401 otherwise).
     pub require_key: Option<String>,
 }
@@ -72,6 +74,7 @@ impl Default for Faults {
             garbage_body: false,
             split_events: false,
             cached_tokens: 0,
+            reasoning_tokens: 0,
             require_key: None,
         }
     }
@@ -343,14 +346,15 @@ fn error(status: u16, code: &str, message: &str, retry_after: Option<&str>) -> R
     response
 }
 
-fn usage(request: &Value, completion: usize, cached: u64) -> Value {
+fn usage(request: &Value, completion: usize, faults: &Faults) -> Value {
     let prompt = (request["messages"].to_string().len() / 4).max(1) as u64;
-    let cached = cached.min(prompt);
+    let cached = faults.cached_tokens.min(prompt);
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion as u64,
         "prompt_tokens_details": { "cached_tokens": cached },
+        "completion_tokens_details": { "reasoning_tokens": faults.reasoning_tokens.min(completion as u64) },
         "prompt_cache_hit_tokens": cached,
         "prompt_cache_miss_tokens": prompt - cached,
     })
@@ -381,7 +385,7 @@ async fn chat(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         "created": now(),
         "model": model,
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
-        "usage": usage(&request, faults.chunks, faults.cached_tokens),
+        "usage": usage(&request, faults.chunks, &faults),
         "system_fingerprint": "fp_relaygate_sim",
     }))
     .into_response()
@@ -446,7 +450,7 @@ fn stream(
     if include_usage {
         let u = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage(&request, faults.chunks, faults.cached_tokens),
+            "choices": [], "usage": usage(&request, faults.chunks, &faults),
         });
         events.push((None, sse(&u)));
     }
@@ -525,7 +529,7 @@ async fn completions(State(inner): State<Arc<Inner>>, req: Request) -> Response 
         "created": now(),
         "model": request["model"],
         "choices": [{ "index": 0, "text": answer(faults.chunks), "finish_reason": "stop", "logprobs": null }],
-        "usage": usage(&request, faults.chunks, faults.cached_tokens),
+        "usage": usage(&request, faults.chunks, &faults),
     }))
     .into_response()
 }
