@@ -189,6 +189,15 @@ fn check(path: &Path) -> Result<ExitCode, String> {
             )
         }
     );
+    let backend = match config.rate_limit.backend {
+        crate::ratelimit::Backend::Local => "local",
+        crate::ratelimit::Backend::Redis { .. } => "redis",
+    };
+    let _ = writeln!(out, "  rate limits   {} rule(s), backend {backend}", config.rate_limits.len());
+    let ledger = config.ledger.as_ref().map(|l| l.path.display().to_string());
+    let _ = writeln!(out, "  ledger        {}", ledger.as_deref().unwrap_or("off"));
+    let otel = config.otel.as_ref().map(|o| o.endpoint.as_str());
+    let _ = writeln!(out, "  traces        {}", otel.unwrap_or("off"));
     let _ = writeln!(out, "  upstreams     {}", config.upstreams.len());
     for u in &config.upstreams {
         let _ = writeln!(
