@@ -7,6 +7,7 @@
 //! - `POST /admin/upstreams/{name}/reset`  force the breaker closed, clear a 429 cooldown
 //! - `POST /admin/upstreams/{name}/open`   drain an upstream by hand (open until reset)
 //! - `POST /admin/reload`                  re-read the config file (like SIGHUP)
+//! - `GET  /admin/shadow`                  primary vs shadow comparison per shadowed model
 
 use axum::extract::{Path, Request, State};
 use axum::middleware::Next;
@@ -28,6 +29,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/upstreams/{name}/reset", post(reset))
         .route("/admin/upstreams/{name}/open", post(open))
         .route("/admin/reload", post(reload))
+        .route("/admin/shadow", get(shadow))
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -120,6 +122,11 @@ async fn open(State(state): State<AppState>, Path(name): Path<String>) -> Respon
         u.state.breaker.force_open();
         tracing::info!(upstream = %u.name, "admin: upstream drained by hand");
     })
+}
+
+/// Primary vs shadow per shadowed model, since start.
+async fn shadow(State(state): State<AppState>) -> Response {
+    Json(json!({ "models": state.sinks().comparison.report() })).into_response()
 }
 
 async fn reload(State(state): State<AppState>) -> Response {

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::observe::Sinks;
 use crate::otel::Exporter;
 use crate::ratelimit::Limiter;
+use crate::shadow::Comparison;
 use crate::upstream::{Upstream, UpstreamState};
 use crate::window::Window;
 
@@ -46,6 +47,8 @@ pub struct Runtime {
     pub models_json: Bytes,
     /// Each model's retry budget, same order as `config.models`.
     pub budgets: Vec<Arc<TpsBudget>>,
+    /// Each model's shadow slots (`shadow.max_in_flight`), if it has a shadow.
+    pub shadow_slots: Vec<Option<Arc<Semaphore>>>,
 }
 
 /// Upstream health by upstream name, kept across config reloads so that a
@@ -132,6 +135,7 @@ impl Runtime {
             model_labels,
             models_json,
             budgets,
+            shadow_slots: crate::shadow::slots(&config.models),
             config,
         })
     }
@@ -275,6 +279,8 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
         window: Window::new(config.health.window),
         ledger,
         otel,
+        comparison: Comparison::default(),
+        limiter: limiter.clone(),
     });
     let upstreams = UpstreamRegistry::default();
     let runtime = Runtime::new(config, &upstreams, &metrics)?;
@@ -301,6 +307,7 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
 }
 
 fn preregister(metrics: &Metrics, runtime: &Runtime) {
+    crate::shadow::preregister(metrics, runtime);
     metrics.preregister(runtime.config.models.iter().map(|m| {
         let upstreams = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
         (m.name.as_str(), upstreams)

@@ -55,6 +55,8 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Totals from a usage ledger (requests, tokens by type, cost), to compare with a provider's bill.
     Usage(crate::usage_report::UsageArgs),
+    /// Primary vs shadow, side by side, from a usage ledger written with shadows on.
+    Compare(crate::shadow::CompareArgs),
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +83,7 @@ pub fn main() -> ExitCode {
             Command::Doctor { config } => crate::doctor::run(&config.config).await,
             Command::Demo(args) => crate::demo::run(args).await,
             Command::Usage(args) => crate::usage_report::run(args),
+            Command::Compare(args) => crate::shadow::compare(args),
         }
     });
     match result {
@@ -193,7 +196,11 @@ fn check(path: &Path) -> Result<ExitCode, String> {
         crate::ratelimit::Backend::Local => "local",
         crate::ratelimit::Backend::Redis { .. } => "redis",
     };
-    let _ = writeln!(out, "  rate limits   {} rule(s), backend {backend}", config.rate_limits.len());
+    let _ = writeln!(
+        out,
+        "  rate limits   {} rule(s), backend {backend}",
+        config.rate_limits.len()
+    );
     let ledger = config.ledger.as_ref().map(|l| l.path.display().to_string());
     let _ = writeln!(out, "  ledger        {}", ledger.as_deref().unwrap_or("off"));
     let otel = config.otel.as_ref().map(|o| o.endpoint.as_str());

@@ -251,6 +251,22 @@ struct RawModel {
     targets: Vec<RawTarget>,
     price: Option<Price>,
     hedge_after: Option<String>,
+    shadow: Option<RawShadow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    upstream: String,
+    model: Option<String>,
+    sample: f64,
+    #[serde(default = "d_shadow_in_flight")]
+    max_in_flight: usize,
+    price: Option<Price>,
+}
+
+fn d_shadow_in_flight() -> usize {
+    16
 }
 
 #[derive(Debug, Deserialize)]
@@ -451,6 +467,22 @@ pub struct ModelConfig {
     pub targets: Vec<TargetConfig>,
     pub price: Option<Price>,
     pub hedge: Option<Hedge>,
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// A model's shadow: a share of its requests mirrored, in the background, to
+/// a candidate upstream/model for comparison. Never seen by the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    pub model: String,
+    /// Share of requests mirrored, 0 to 1.
+    pub sample: f64,
+    /// Shadow requests at once for this model; beyond it they are dropped.
+    pub max_in_flight: usize,
+    /// The shadow's price (default: the model's own).
+    pub price: Option<Price>,
 }
 
 #[derive(Debug, Clone)]
@@ -703,11 +735,36 @@ impl RawConfig {
                     "hedging needs at least two targets",
                 ));
             }
+            let shadow = match m.shadow {
+                None => None,
+                Some(sh) => {
+                    let Some(&upstream) = upstream_index.get(sh.upstream.as_str()) else {
+                        return Err(ConfigError::at(
+                            &at("shadow.upstream"),
+                            format!("unknown upstream {:?} (not in [[upstreams]])", sh.upstream),
+                        ));
+                    };
+                    if !(0.0..=1.0).contains(&sh.sample) {
+                        return Err(ConfigError::at(&at("shadow.sample"), "must be between 0 and 1"));
+                    }
+                    if sh.max_in_flight == 0 {
+                        return Err(ConfigError::at(&at("shadow.max_in_flight"), "must be at least 1"));
+                    }
+                    Some(ShadowConfig {
+                        upstream,
+                        model: sh.model.unwrap_or_else(|| m.name.clone()),
+                        sample: sh.sample,
+                        max_in_flight: sh.max_in_flight,
+                        price: sh.price.or(m.price),
+                    })
+                }
+            };
             models.push(ModelConfig {
                 name: m.name,
                 targets,
                 price: m.price,
                 hedge,
+                shadow,
             });
         }
 

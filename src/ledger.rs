@@ -65,6 +65,11 @@ pub struct LedgerLine {
     /// A shadow (mirrored) request; false when absent.
     #[serde(default)]
     pub shadow: bool,
+    /// For `temperature: 0` requests of a model with a shadow: a hash of the
+    /// answer's text, so `relaygate compare` can count exact matches between
+    /// a primary and its shadow (same `request_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_hash: Option<String>,
 }
 
 /// `time` as the ledger writes it: RFC 3339 UTC with milliseconds,
@@ -392,6 +397,7 @@ mod tests {
             attempts: 1,
             usage_estimated: false,
             shadow: false,
+            content_hash: None,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod request;
 pub mod routes;
+pub mod shadow;
 pub mod sim;
 pub mod streaming;
 pub mod upstream;

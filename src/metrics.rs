@@ -171,6 +171,12 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     pub circuit_transitions: IntCounterVec,
     pub ledger_dropped: IntCounter,
+    pub shadow_requests: IntCounterVec,
+    pub shadow_duration: HistogramVec,
+    pub shadow_ttft: HistogramVec,
+    pub shadow_tokens: IntCounterVec,
+    pub shadow_cost: CounterVec,
+    pub shadow_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -349,6 +355,32 @@ impl Metrics {
             ledger_dropped: reg(r, IntCounter::new(
                 "relaygate_ledger_dropped_total",
                 "Usage ledger lines dropped: the writer fell behind, a write failed, or the line came after shutdown.",
+            )),
+            shadow_requests: reg(r, IntCounterVec::new(
+                Opts::new("relaygate_shadow_requests_total", "Shadow (mirrored) requests, by model, shadow upstream and outcome."),
+                &["model", "upstream", "outcome"],
+            )),
+            shadow_duration: reg(r, HistogramVec::new(
+                HistogramOpts::new("relaygate_shadow_duration_seconds", "Shadow request latency, read to the end.")
+                    .buckets(REQUEST_BUCKETS.to_vec()),
+                &["model", "upstream"],
+            )),
+            shadow_ttft: reg(r, HistogramVec::new(
+                HistogramOpts::new("relaygate_shadow_time_to_first_token_seconds", "Shadow streams: time to the first event.")
+                    .buckets(TTFT_BUCKETS.to_vec()),
+                &["model", "upstream"],
+            )),
+            shadow_tokens: reg(r, IntCounterVec::new(
+                Opts::new("relaygate_shadow_tokens_total", "Tokens used by shadow requests, by type."),
+                &["model", "upstream", "type"],
+            )),
+            shadow_cost: reg(r, CounterVec::new(
+                Opts::new("relaygate_shadow_cost_usd_total", "Cost in USD of shadow requests, from the shadow's price."),
+                &["model", "upstream"],
+            )),
+            shadow_dropped: reg(r, IntCounterVec::new(
+                Opts::new("relaygate_shadow_dropped_total", "Sampled shadow requests dropped because max_in_flight was reached."),
+                &["model"],
             )),
             registry,
         };

@@ -21,8 +21,9 @@ use crate::layers::circuit::Breaker;
 use crate::ledger::{Ledger, LedgerLine};
 use crate::metrics::{ErrorType, Metrics, Outcome, OTHER, TOKEN_TYPES};
 use crate::otel::{AttemptSpan, Exporter, RequestSpan, TraceContext};
-use crate::ratelimit::Admission;
+use crate::ratelimit::{Admission, Limiter};
 use crate::request::Endpoint;
+use crate::shadow::Comparison;
 use crate::streaming;
 use crate::upstream::{Upstream, UpstreamState};
 use crate::usage::Usage;
@@ -38,6 +39,10 @@ pub struct Sinks {
     pub window: Window,
     pub ledger: Option<Ledger>,
     pub otel: Option<Exporter>,
+    /// Primary vs shadow, per shadowed model (`GET /admin/shadow`).
+    pub comparison: Comparison,
+    /// Shadows count against the shadow upstream's rate limits.
+    pub limiter: Limiter,
 }
 
 /// The trace of one request, when OTLP export is on.
@@ -63,6 +68,11 @@ pub struct RequestRecord {
     content_events: u64,
     usage_estimated: bool,
     trace: Option<Trace>,
+    /// The model has a shadow: this request feeds the comparison.
+    compared: bool,
+    /// The answer's text, collected for `temperature: 0` requests that were
+    /// mirrored, to compare with the shadow's.
+    text: Option<String>,
     request_id: Option<HeaderValue>,
     key: Arc<str>,
     model: Arc<str>,
@@ -99,6 +109,8 @@ impl RequestRecord {
             content_events: 0,
             usage_estimated: false,
             trace: None,
+            compared: false,
+            text: None,
             request_id,
             key: Arc::from("-"),
             model: Arc::from(OTHER),
@@ -138,6 +150,22 @@ impl RequestRecord {
 
     pub fn set_body(&mut self, body: Bytes) {
         self.body = Some(body);
+    }
+
+    /// The model has a shadow; `collect_text` when this request was mirrored
+    /// with `temperature: 0`, so its answer is compared with the shadow's.
+    pub fn compare(&mut self, collect_text: bool) {
+        self.compared = true;
+        if collect_text {
+            self.text = Some(String::new());
+        }
+    }
+
+    /// The text of a buffered answer, for the comparison.
+    pub fn set_answer(&mut self, body: &[u8]) {
+        if self.text.is_some() {
+            self.text = crate::shadow::message_text(body);
+        }
     }
 
     /// Starts the request's trace (OTLP export on): continues the client's
@@ -235,6 +263,13 @@ impl RequestRecord {
         self.saw_done |= info.done;
         self.content_events += info.content_events;
         self.set_usage(info.usage);
+        if let Some(text) = self.text.as_mut() {
+            crate::shadow::stream_text(batch, text);
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
     }
 
     /// The upstream of the current attempt, for error messages.
@@ -360,11 +395,11 @@ impl RequestRecord {
     }
 
     fn write_ledger(&self, request_id: &str, status: u16, outcome: Outcome, elapsed: Duration) {
-        let Some(ledger) = &self.sinks.ledger else {
+        if self.sinks.ledger.is_none() && !self.compared {
             return;
-        };
+        }
         let usage = self.usage.unwrap_or_default();
-        ledger.record(LedgerLine {
+        let line = LedgerLine {
             time: crate::ledger::format_time(SystemTime::now()),
             request_id: request_id.to_owned(),
             key: self.key.to_string(),
@@ -386,7 +421,14 @@ impl RequestRecord {
             attempts: self.attempts,
             usage_estimated: self.usage_estimated,
             shadow: false,
-        });
+            content_hash: self.text.as_deref().map(crate::shadow::content_hash),
+        };
+        if self.compared {
+            self.sinks.comparison.add(&line);
+        }
+        if let Some(ledger) = &self.sinks.ledger {
+            ledger.record(line);
+        }
     }
 
     fn export_trace(&mut self, status: u16, outcome: Outcome) {

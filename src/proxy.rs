@@ -177,6 +177,23 @@ async fn run(
         0
     };
 
+    // A sampled share of a shadowed model's requests is mirrored, in the
+    // background, beside the primary (see `shadow`).
+    if model.shadow.is_some() {
+        let mirrored = crate::shadow::maybe_mirror(crate::shadow::Mirror {
+            runtime: runtime.clone(),
+            sinks: state.sinks().clone(),
+            model: model_index,
+            endpoint,
+            parsed: parsed.clone(),
+            body: body.clone(),
+            headers: forwardable_headers(&parts.headers),
+            request_id: record.request_id().to_owned(),
+            key: key.clone(),
+        });
+        record.compare(mirrored && parsed.temperature_zero);
+    }
+
     // One deadline for the whole request: the first target's request_timeout.
     let deadline = started + runtime.upstreams[model.targets[0].upstream].config.request_timeout;
     let ctx = Arc::new(CallContext {
@@ -220,6 +237,7 @@ async fn run(
             usage,
         } => {
             record.set_usage(usage);
+            record.set_answer(&body);
             Ok(Proxied::Full {
                 status,
                 headers,

@@ -48,6 +48,9 @@ pub struct ParsedRequest {
     /// for it (`stream_options.include_usage`) to count tokens, and strips
     /// the extra usage-only chunk from what the client receives.
     pub inject_usage: bool,
+    /// `temperature: 0`: answers should be deterministic, so a shadow's can
+    /// be compared with the primary's for an exact match.
+    pub temperature_zero: bool,
     /// Byte range of the `model` value (with its quotes) in the body.
     model_span: Range<usize>,
     /// Where `stream_options` goes: the range of the client's value, or an
@@ -65,6 +68,8 @@ struct Probe<'a> {
     stream: Option<&'a RawValue>,
     #[serde(borrow)]
     messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    temperature: Option<&'a RawValue>,
     /// `null` is kept as a value (not `None`), so that relaygate replaces it
     /// rather than adding a second `stream_options` key.
     #[serde(borrow, default, deserialize_with = "present")]
@@ -153,10 +158,16 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, GatewayEr
         }
     }
 
+    let temperature_zero = probe
+        .temperature
+        .and_then(|t| t.get().parse::<f64>().ok())
+        .is_some_and(|t| t == 0.0);
+
     Ok(ParsedRequest {
         model,
         stream,
         inject_usage,
+        temperature_zero,
         model_span,
         stream_options_span,
         stream_options_rest,

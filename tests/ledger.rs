@@ -44,6 +44,7 @@ fn line(request_id: &str) -> LedgerLine {
         attempts: 2,
         usage_estimated: false,
         shadow: false,
+        content_hash: None,
     }
 }
 
@@ -234,6 +235,7 @@ fn ledger_line_round_trips_through_json_with_the_documented_field_names() {
         upstream_model: None,
         ttft_ms: None,
         shadow: true,
+        content_hash: None,
         ..line("req-2")
     };
     let json = serde_json::to_string(&empty).unwrap();

@@ -187,6 +187,11 @@ pub enum Class {
     Final,
 }
 
+/// The breaker failure an upstream HTTP status stands for, if any.
+pub fn classify_status(status: u16) -> Option<ErrorType> {
+    matches!(status, 500 | 502 | 503 | 504).then_some(ErrorType::ServerError)
+}
+
 pub fn classify(result: &Result<Answer, AttemptError>) -> Class {
     match result {
         Ok(answer) => match &answer.reply {
@@ -195,7 +200,7 @@ pub fn classify(result: &Result<Answer, AttemptError>) -> Class {
                 200..=399 => Class::Success,
                 429 => Class::RateLimited(crate::upstream::retry_after_hint(headers)),
                 401 | 403 => Class::Auth,
-                500 | 502 | 503 | 504 => Class::Failure(ErrorType::ServerError),
+                s if classify_status(s).is_some() => Class::Failure(ErrorType::ServerError),
                 400..=499 => Class::Neutral,
                 // Other 5xx (501, 505, …) describe the request, not health.
                 _ => Class::Neutral,
