@@ -5,14 +5,13 @@
 mod common;
 mod redis_support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::process::{temp_file, Proc};
 use common::*;
 use redis_support::RedisServer;
 use relaygate::sim::{Faults, Sim};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The harness config plus `extra` TOML before the first `[[upstreams]]`.
 fn with(base: String, extra: &str) -> String {
@@ -184,36 +183,9 @@ async fn fail_closed_without_redis_answers_503() {
     assert_eq!(gw.metric("relaygate_ratelimit_fallback_active").await, 1.0);
 }
 
-/// A `relaygate serve` process; killed on drop.
-struct Proc {
-    _child: tokio::process::Child,
-    url: String,
-}
-
 async fn spawn_gateway(config: &str) -> Proc {
-    let dir = std::env::temp_dir().join(format!("relaygate-rl-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("relaygate.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relaygate"))
-        .args(["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("relaygate starts")
-            .unwrap()
-            .expect("relaygate prints its address");
-        if let Some(url) = line.strip_prefix("relaygate listening on ") {
-            break url.to_owned();
-        }
-    };
-    Proc { _child: child, url }
+    let path = temp_file("relaygate.toml", config);
+    Proc::spawn_quiet(&["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]).await
 }
 
 #[tokio::test]

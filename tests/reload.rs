@@ -6,23 +6,18 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::process::{temp_file, Proc};
 use common::*;
 use relaygate::sim::{Faults, Sim};
 use relaygate::{build_app, Config};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const ADMIN: &str = "sk-admin-key-for-tests-000";
 
 fn temp_config(text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("relaygate-reload-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("relaygate.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    temp_file("relaygate.toml", text)
 }
 
 /// The harness config with a second model, `extra-model`, on the same upstream.
@@ -159,32 +154,11 @@ async fn sighup_reloads_the_config_file() {
     let sim = Sim::start("a", Faults::default()).await.unwrap();
     let base = config_for(&[("a", &sim)]);
     let path = temp_config(&base);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relaygate"))
-        .args(["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("relaygate starts")
-            .unwrap()
-            .expect("relaygate prints its address");
-        if let Some(url) = line.strip_prefix("relaygate listening on ") {
-            break url.to_owned();
-        }
-    };
+    let proc = Proc::spawn_quiet(&["serve", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]).await;
+    let url = proc.url.clone();
     assert_eq!(model_ids(&url).await, vec!["deepseek-chat"]);
     std::fs::write(&path, with_extra_model(&base)).unwrap();
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    proc.signal("-HUP");
     eventually(Duration::from_secs(5), "SIGHUP reloads the file", || async {
         model_ids(&url).await.len() == 2
     })

@@ -2,6 +2,8 @@
 //! simulated upstreams, plus polling helpers. No fixed ports, no sleeps.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::future::Future;
 use std::time::Duration;
 

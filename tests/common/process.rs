@@ -1,0 +1,88 @@
+//! Running the real `relaygate` binary from tests.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_relaygate");
+
+pub fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relaygate-test-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// A running `relaygate` process and the address it printed.
+pub struct Proc {
+    pub child: Child,
+    pub url: String,
+    stdout: BufReader<tokio::process::ChildStdout>,
+}
+
+impl Proc {
+    /// Starts `relaygate ARGS` and waits for its `listening on` line. With
+    /// `capture_stderr`, stderr is kept for `finish` (read it: a full pipe
+    /// would block the process); otherwise it is discarded.
+    pub async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Self::spawn_with(args, env, true).await
+    }
+
+    pub async fn spawn_quiet(args: &[&str]) -> Proc {
+        Self::spawn_with(args, &[], false).await
+    }
+
+    async fn spawn_with(args: &[&str], env: &[(&str, &str)], capture_stderr: bool) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(if capture_stderr { Stdio::piped() } else { Stdio::null() })
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            let n = tokio::time::timeout(Duration::from_secs(10), stdout.read_line(&mut line))
+                .await
+                .expect("relaygate prints its address")
+                .unwrap();
+            assert!(n > 0, "relaygate exited before listening");
+            if let Some(url) = line.trim().strip_prefix("relaygate listening on ") {
+                break url.to_owned();
+            }
+        };
+        Proc { child, url, stdout }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; returns the exit code, the rest of stdout and all of stderr.
+    pub async fn finish(mut self) -> (i32, String, String) {
+        let mut stderr = self.child.stderr.take().unwrap();
+        let mut out = String::new();
+        let mut err = String::new();
+        let (status, _, _) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(
+                self.child.wait(),
+                self.stdout.read_to_string(&mut out),
+                stderr.read_to_string(&mut err)
+            )
+        })
+        .await
+        .expect("relaygate exits");
+        (status.unwrap().code().unwrap_or(-1), out, err)
+    }
+}
