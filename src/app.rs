@@ -306,8 +306,36 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
     Ok(App { state, router })
 }
 
+/// Creates zero-valued series for what the config makes possible, so that
+/// dashboards and `rate()` see zeros rather than gaps before first use.
 fn preregister(metrics: &Metrics, runtime: &Runtime) {
     crate::shadow::preregister(metrics, runtime);
+    for u in &runtime.upstreams {
+        metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
+        for reason in ["connect", "timeout", "reset", "server_error", "malformed", "rate_limited", "auth"] {
+            metrics.retries.with_label_values(&[&u.name, reason]);
+        }
+        for (from, to) in [("closed", "open"), ("open", "half_open"), ("half_open", "closed"), ("half_open", "open")] {
+            metrics.circuit_transitions.with_label_values(&[&u.name, from, to]);
+        }
+    }
+    for m in &runtime.config.models {
+        let model = m.name.as_str();
+        metrics.requests.with_label_values(&[model, "200", "success"]);
+        let names: Vec<&str> = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
+        for from in &names {
+            metrics.ttft.with_label_values(&[model, from]);
+            metrics.inter_token.with_label_values(&[model, from]);
+            for to in names.iter().filter(|to| to != &from) {
+                metrics.failovers.with_label_values(&[model, from, to]);
+            }
+        }
+        if m.hedge.is_some() {
+            for result in ["won", "lost"] {
+                metrics.hedges.with_label_values(&[model, result]);
+            }
+        }
+    }
     metrics.preregister(runtime.config.models.iter().map(|m| {
         let upstreams = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
         (m.name.as_str(), upstreams)
