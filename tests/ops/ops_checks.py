@@ -46,6 +46,10 @@ COUNTERS_AND_GAUGES = {
     "relaygate_ratelimit_backend_errors_total",
     "relaygate_ratelimit_fallback_active",
     "relaygate_ledger_dropped_total",
+    "relaygate_shadow_requests_total",
+    "relaygate_shadow_tokens_total",
+    "relaygate_shadow_cost_usd_total",
+    "relaygate_shadow_dropped_total",
 }
 HISTOGRAMS = {
     "relaygate_request_duration_seconds",
@@ -54,6 +58,8 @@ HISTOGRAMS = {
     "relaygate_inter_token_seconds",
     "relaygate_overhead_seconds",
     "relaygate_ratelimit_queue_wait_seconds",
+    "relaygate_shadow_duration_seconds",
+    "relaygate_shadow_time_to_first_token_seconds",
 }
 CONTRACT = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
