@@ -65,12 +65,23 @@ CONTRACT = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket",
 
 # The config keys relaygate accepts today (unknown keys are rejected).
 CONFIG_KEYS = {
-    "server": {"listen", "max_body_bytes", "max_response_bytes", "shutdown_grace"},
+    "server": {"listen", "max_body_bytes", "max_response_bytes", "shutdown_grace", "max_in_flight"},
     "admin": {"key"},
     "upstreams": {"name", "base_url", "api_key", "connect_timeout", "first_byte_timeout",
-                  "idle_timeout", "request_timeout"},
-    "models": {"name", "targets", "price"},
+                  "idle_timeout", "request_timeout", "max_concurrency", "circuit_breaker"},
+    "models": {"name", "targets", "price", "hedge_after", "shadow"},
     "keys": {"name", "key"},
+    "retry": {"max_attempts", "base_delay", "max_delay", "budget_ratio", "min_retries_per_second",
+              "retry_after_cap"},
+    "circuit_breaker": {"consecutive_failures", "failure_rate", "min_requests", "window", "open_for",
+                        "max_open_for", "half_open_probes"},
+    "rate_limit": {"backend", "redis_url", "fail_mode", "expected_instances", "redis_timeout", "key_prefix",
+                   "default_max_tokens"},
+    "rate_limits": {"name", "scope", "match", "requests_per_minute", "tokens_per_minute", "burst", "on_limit",
+                    "max_queue_wait"},
+    "health": {"window", "degraded_below", "unhealthy_below"},
+    "ledger": {"path", "capacity"},
+    "otel": {"endpoint", "service_name"},
 }
 TARGET_KEYS = {"upstream", "model", "priority", "weight"}
 PRICE_KEYS = {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok"}
