@@ -312,10 +312,23 @@ fn preregister(metrics: &Metrics, runtime: &Runtime) {
     crate::shadow::preregister(metrics, runtime);
     for u in &runtime.upstreams {
         metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
-        for reason in ["connect", "timeout", "reset", "server_error", "malformed", "rate_limited", "auth"] {
+        for reason in [
+            "connect",
+            "timeout",
+            "reset",
+            "server_error",
+            "malformed",
+            "rate_limited",
+            "auth",
+        ] {
             metrics.retries.with_label_values(&[&u.name, reason]);
         }
-        for (from, to) in [("closed", "open"), ("open", "half_open"), ("half_open", "closed"), ("half_open", "open")] {
+        for (from, to) in [
+            ("closed", "open"),
+            ("open", "half_open"),
+            ("half_open", "closed"),
+            ("half_open", "open"),
+        ] {
             metrics.circuit_transitions.with_label_values(&[&u.name, from, to]);
         }
     }
