@@ -10,7 +10,6 @@ use std::time::Duration;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -61,9 +60,10 @@ pub struct RequestRecord {
     endpoint: Endpoint,
     upstream_model: Option<String>,
     upstream_state: Option<Arc<UpstreamState>>,
-    /// The client's body, kept (by reference count) to estimate prompt tokens
-    /// for a stream that ends before its usage chunk.
-    body: Option<Bytes>,
+    /// Prompt tokens estimated from the body, for a stream that ends before
+    /// its usage chunk. Only the number is kept: holding the body for the
+    /// life of a stream would cost memory per open stream.
+    prompt_estimate: u64,
     /// Stream chunks with content, the completion estimate without usage.
     content_events: u64,
     usage_estimated: bool,
@@ -105,7 +105,7 @@ impl RequestRecord {
             endpoint,
             upstream_model: None,
             upstream_state: None,
-            body: None,
+            prompt_estimate: 0,
             content_events: 0,
             usage_estimated: false,
             trace: None,
@@ -148,8 +148,10 @@ impl RequestRecord {
         self.upstream_model = upstream_model.map(str::to_owned);
     }
 
-    pub fn set_body(&mut self, body: Bytes) {
-        self.body = Some(body);
+    /// Estimates the prompt tokens from the request body (bytes / 4 of its
+    /// text, as the rate limiter estimates them).
+    pub fn set_prompt_estimate(&mut self, body: &[u8]) {
+        self.prompt_estimate = crate::ratelimit::estimate_tokens(body, 0);
     }
 
     /// The model has a shadow; `collect_text` when this request was mirrored
@@ -303,12 +305,8 @@ impl RequestRecord {
         self.finished = true;
         if self.usage.is_none() && self.stream && self.ttft.is_some() {
             // A stream cut before its usage chunk: count what was seen.
-            let prompt = self
-                .body
-                .as_ref()
-                .map_or(0, |b| crate::ratelimit::estimate_tokens(b, 0));
             self.usage = Some(Usage {
-                prompt,
+                prompt: self.prompt_estimate,
                 completion: self.content_events,
                 cached_prompt: 0,
                 reasoning: 0,

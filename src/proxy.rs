@@ -154,7 +154,9 @@ async fn run(
         .to_bytes();
 
     let parsed = request::parse(endpoint, &body)?;
-    record.set_body(body.clone());
+    if parsed.stream {
+        record.set_prompt_estimate(&body);
+    }
     let model_index = *runtime
         .models
         .get(&parsed.model)
