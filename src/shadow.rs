@@ -487,51 +487,23 @@ pub fn render(reports: &[ModelReport]) -> String {
     for r in reports {
         let _ = writeln!(out, "model {}", r.model);
         let _ = writeln!(out, "  {:<26} {:>16} {:>16}", "", "primary", "shadow");
-        let rows: [(&str, String, String); 10] = [
-            (
-                "requests",
-                r.primary.requests.to_string(),
-                r.shadow.requests.to_string(),
-            ),
-            ("success rate", pct(r.primary.success_rate), pct(r.shadow.success_rate)),
-            (
-                "latency p50 (ms)",
-                f(r.primary.latency_ms_p50, 1),
-                f(r.shadow.latency_ms_p50, 1),
-            ),
-            (
-                "latency p95 (ms)",
-                f(r.primary.latency_ms_p95, 1),
-                f(r.shadow.latency_ms_p95, 1),
-            ),
-            (
-                "latency p99 (ms)",
-                f(r.primary.latency_ms_p99, 1),
-                f(r.shadow.latency_ms_p99, 1),
-            ),
-            ("TTFT p50 (ms)", f(r.primary.ttft_ms_p50, 1), f(r.shadow.ttft_ms_p50, 1)),
-            (
-                "tokens / request",
-                f(r.primary.tokens_per_request, 1),
-                f(r.shadow.tokens_per_request, 1),
-            ),
-            (
-                "$ / 1,000 requests",
-                f(r.primary.usd_per_1k_requests, 6),
-                f(r.shadow.usd_per_1k_requests, 6),
-            ),
-            (
-                "projected $ / month",
-                f(r.primary.projected_usd_per_month, 2),
-                f(r.shadow.projected_usd_per_month, 2),
-            ),
+        let both = |get: &dyn Fn(&SideReport) -> String| (get(&r.primary), get(&r.shadow));
+        let rows: [(&str, (String, String)); 10] = [
+            ("requests", both(&|s| s.requests.to_string())),
+            ("success rate", both(&|s| pct(s.success_rate))),
+            ("latency p50 (ms)", both(&|s| f(s.latency_ms_p50, 1))),
+            ("latency p95 (ms)", both(&|s| f(s.latency_ms_p95, 1))),
+            ("latency p99 (ms)", both(&|s| f(s.latency_ms_p99, 1))),
+            ("TTFT p50 (ms)", both(&|s| f(s.ttft_ms_p50, 1))),
+            ("tokens / request", both(&|s| f(s.tokens_per_request, 1))),
+            ("$ / 1,000 requests", both(&|s| f(s.usd_per_1k_requests, 6))),
+            ("projected $ / month", both(&|s| f(s.projected_usd_per_month, 2))),
             (
                 "exact match (temp 0)",
-                pct(r.exact_match_rate),
-                format!("{} pairs", r.deterministic_pairs),
+                (pct(r.exact_match_rate), format!("{} pairs", r.deterministic_pairs)),
             ),
         ];
-        for (name, p, s) in rows {
+        for (name, (p, s)) in rows {
             let _ = writeln!(out, "  {name:<26} {p:>16} {s:>16}");
         }
     }
