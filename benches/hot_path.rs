@@ -1,0 +1,276 @@
+//! Micro-benchmarks of the per-request and per-chunk pieces of relaygate,
+//! through the library's public API: SSE event splitting, usage extraction,
+//! the model-field rewrite, breaker and limiter admission, and metric
+//! recording. `cargo bench` runs them all in a few minutes; `cargo bench --
+//! sse` runs the ones whose name contains `sse`. What the numbers mean, and
+//! the end-to-end benchmark: bench/README.md.
+//!
+//! Each group keeps its measurement short (2 s) so the whole run stays
+//! bounded. A note on time: benches are built with the dev-dependencies, and
+//! so with tokio's `test-util`, whose `Instant::now` consults a mockable
+//! clock. That adds a few ns to anything that reads the time (breaker,
+//! limiter) compared with the release binary.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use futures_util::{FutureExt, StreamExt};
+use relaygate::config::BreakerConfig;
+use relaygate::layers::circuit::Breaker;
+use relaygate::metrics::{Metrics, Outcome};
+use relaygate::ratelimit::{self, Limiter, RawRule};
+use relaygate::request::{self, Endpoint};
+use relaygate::streaming::{self, BodyError, SseReader};
+use relaygate::usage;
+
+/// One streamed chat chunk, shaped like DeepSeek's and OpenAI's (~230 bytes).
+fn content_event(i: usize) -> String {
+    format!(
+        "data: {{\"id\":\"chatcmpl-7f3a9c2e\",\"object\":\"chat.completion.chunk\",\"created\":1760000000,\
+         \"model\":\"deepseek-chat\",\"system_fingerprint\":\"fp_8802369eaa_prod0623\",\"choices\":[{{\"index\":0,\
+         \"delta\":{{\"content\":\" word{i}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+    )
+}
+
+/// The last events of a stream: the usage-only chunk and `[DONE]`.
+const USAGE_AND_DONE: &str = "data: {\"id\":\"chatcmpl-7f3a9c2e\",\"object\":\"chat.completion.chunk\",\
+\"created\":1760000000,\"model\":\"deepseek-chat\",\"choices\":[],\"usage\":{\"prompt_tokens\":1523,\
+\"completion_tokens\":412,\"total_tokens\":1935,\"prompt_tokens_details\":{\"cached_tokens\":1024},\
+\"completion_tokens_details\":{\"reasoning_tokens\":0},\"prompt_cache_hit_tokens\":1024,\
+\"prompt_cache_miss_tokens\":499}}\n\ndata: [DONE]\n\n";
+
+/// A non-streaming chat completion (~700 bytes) with its usage at the end.
+fn completion_body() -> Vec<u8> {
+    let content = "Hello! ".repeat(60);
+    format!(
+        "{{\"id\":\"chatcmpl-7f3a9c2e\",\"object\":\"chat.completion\",\"created\":1760000000,\
+         \"model\":\"deepseek-chat\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\
+         \"content\":\"{content}\"}},\"logprobs\":null,\"finish_reason\":\"stop\"}}],\"usage\":{{\
+         \"prompt_tokens\":1523,\"completion_tokens\":412,\"total_tokens\":1935,\
+         \"prompt_tokens_details\":{{\"cached_tokens\":1024}},\"prompt_cache_hit_tokens\":1024,\
+         \"prompt_cache_miss_tokens\":499}},\"system_fingerprint\":\"fp_8802369eaa_prod0623\"}}"
+    )
+    .into_bytes()
+}
+
+/// A chat request (~1.3 KiB): a system prompt, a few turns, sampling fields
+/// and a vendor extension that must reach the upstream untouched.
+fn chat_request(stream: bool) -> Bytes {
+    let turn = "Explain the difference between a mutex and a semaphore, briefly. ".repeat(4);
+    Bytes::from(format!(
+        "{{\"model\":\"deepseek-chat\",\"messages\":[\
+         {{\"role\":\"system\",\"content\":\"You are a concise assistant.\"}},\
+         {{\"role\":\"user\",\"content\":\"{turn}\"}},\
+         {{\"role\":\"assistant\",\"content\":\"{turn}\"}},\
+         {{\"role\":\"user\",\"content\":\"{turn}\"}}],\
+         \"temperature\":0.2,\"top_p\":0.95,\"max_tokens\":512,\"stream\":{stream},\
+         \"x_vendor_extension\":{{\"keep\":[1,2.50,\"three\"]}}}}"
+    ))
+}
+
+fn sse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sse");
+
+    // The reader's common case: each read holds exactly one event.
+    let events: Vec<Bytes> = (0..16).map(|i| Bytes::from(content_event(i))).collect();
+    let total: usize = events.iter().map(Bytes::len).sum();
+    g.throughput(Throughput::Bytes(total as u64));
+    g.bench_function("reader/16_events_one_per_read", |b| b.iter(|| read_all(events.clone())));
+
+    // Events split inside their JSON: the reader holds the partial event.
+    let split: Vec<Bytes> = events
+        .iter()
+        .flat_map(|e| [e.slice(..e.len() / 2), e.slice(e.len() / 2..)])
+        .collect();
+    g.bench_function("reader/16_events_split_in_two", |b| b.iter(|| read_all(split.clone())));
+
+    // Many events coalesced in one read (a fast upstream, a slow reader).
+    let coalesced = vec![Bytes::from(events.iter().flat_map(|e| e.to_vec()).collect::<Vec<u8>>())];
+    g.bench_function("reader/16_events_one_read", |b| b.iter(|| read_all(coalesced.clone())));
+
+    // The boundary scan itself, on a batch ending in a complete event.
+    let batch: Vec<u8> = events.iter().flat_map(|e| e.to_vec()).collect();
+    g.bench_function("last_event_end/16_events", |b| {
+        b.iter(|| streaming::last_event_end(black_box(&batch), black_box(0)))
+    });
+    // Worst case: 16 KiB of one unfinished event, scanned from the start.
+    let partial = vec![b'x'; 16 * 1024];
+    g.throughput(Throughput::Bytes(partial.len() as u64));
+    g.bench_function("last_event_end/16KiB_no_boundary", |b| {
+        b.iter(|| streaming::last_event_end(black_box(&partial), black_box(0)))
+    });
+    g.finish();
+}
+
+/// Drains an `SseReader` over `chunks`. The stream is always ready, so the
+/// futures complete on their first poll: no runtime in the measurement.
+fn read_all(chunks: Vec<Bytes>) -> usize {
+    let upstream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, BodyError>)).boxed();
+    let mut reader = SseReader::new(upstream);
+    let mut n = 0;
+    while let Some(batch) = reader
+        .next_batch()
+        .now_or_never()
+        .expect("ready stream")
+        .expect("well-formed SSE")
+    {
+        n += batch.len();
+    }
+    n
+}
+
+fn usage_extraction(c: &mut Criterion) {
+    let mut g = c.benchmark_group("usage");
+    let content = content_event(3);
+    g.bench_function("inspect/content_event", |b| {
+        b.iter(|| streaming::inspect(black_box(content.as_bytes())))
+    });
+    g.bench_function("inspect/usage_and_done", |b| {
+        b.iter(|| streaming::inspect(black_box(USAGE_AND_DONE.as_bytes())))
+    });
+    let body = completion_body();
+    g.bench_function("from_json/chat_completion", |b| {
+        b.iter(|| usage::from_json(black_box(&body)).expect("JSON"))
+    });
+    g.finish();
+}
+
+fn model_rewrite(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request");
+    for stream in [false, true] {
+        let body = chat_request(stream);
+        let kind = if stream { "stream" } else { "json" };
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(format!("parse/{kind}"), |b| {
+            b.iter(|| request::parse(Endpoint::ChatCompletions, black_box(&body)).expect("valid"))
+        });
+        let parsed = request::parse(Endpoint::ChatCompletions, &body).expect("valid");
+        g.bench_function(format!("body_for/{kind}/model_renamed"), |b| {
+            b.iter(|| parsed.body_for(black_box(&body), black_box("deepseek-v3.2")))
+        });
+        g.bench_function(format!("parse_and_body_for/{kind}"), |b| {
+            b.iter(|| {
+                let p = request::parse(Endpoint::ChatCompletions, black_box(&body)).expect("valid");
+                p.body_for(&body, "deepseek-v3.2")
+            })
+        });
+    }
+    g.finish();
+}
+
+fn breaker(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let breaker = Breaker::new("bench", BreakerConfig::default(), &metrics);
+    c.bench_function("breaker/try_acquire_success", |b| {
+        b.iter(|| breaker.try_acquire().expect("closed").success())
+    });
+}
+
+fn limiter(c: &mut Criterion) {
+    // The benchmark config's rule: one bucket per client key, generous
+    // enough never to refuse here (the burst outlasts any run).
+    let rule = RawRule {
+        name: None,
+        scope: "key".into(),
+        r#match: None,
+        requests_per_minute: Some(100_000_000),
+        tokens_per_minute: None,
+        burst: Some(100_000_000),
+        on_limit: None,
+        max_queue_wait: None,
+    };
+    let (settings, rules) = ratelimit::validate(None, vec![rule]).expect("valid rule");
+    let registry = prometheus::Registry::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let limiter = rt.block_on(Limiter::new(settings, rules, &registry)).expect("limiter");
+    // The local backend decides without awaiting: each future completes on
+    // its first poll, so no runtime is in the measurement.
+    c.bench_function("limiter/admit_request_reconcile", |b| {
+        b.iter(|| {
+            let admission = limiter
+                .admit_request(black_box("app-a"), black_box("deepseek-chat"), 0)
+                .now_or_never()
+                .expect("local admission does not wait")
+                .expect("admitted");
+            admission
+                .reconcile(0)
+                .now_or_never()
+                .expect("local reconcile does not wait");
+        })
+    });
+}
+
+fn metrics(c: &mut Criterion) {
+    let mut g = c.benchmark_group("metrics");
+    let m = Metrics::new();
+    let model = "deepseek-chat";
+    let upstream = "fast-a";
+    // What the end of one request records today (observe.rs): label lookups
+    // by value on every call.
+    g.bench_function("record_request/with_label_values", |b| {
+        b.iter(|| {
+            m.in_flight.inc();
+            m.requests
+                .with_label_values(&[black_box(model), "200", Outcome::Success.as_str()])
+                .inc();
+            m.request_duration
+                .with_label_values(&[black_box(model)])
+                .observe(0.0042);
+            m.upstream_requests
+                .with_label_values(&[black_box(upstream), "200", "none"])
+                .inc();
+            m.upstream_duration
+                .with_label_values(&[black_box(upstream)])
+                .observe(0.0041);
+            for (kind, n) in [("prompt", 1523), ("completion", 412)] {
+                m.tokens
+                    .with_label_values(&[black_box(model), upstream, kind])
+                    .inc_by(n);
+            }
+            m.overhead.observe(0.00004);
+            m.in_flight.dec();
+        })
+    });
+    // The same with the handles resolved once (what issue 7 asks for).
+    let requests = m.requests.with_label_values(&[model, "200", "success"]);
+    let duration = m.request_duration.with_label_values(&[model]);
+    let attempts = m.upstream_requests.with_label_values(&[upstream, "200", "none"]);
+    let attempt_duration = m.upstream_duration.with_label_values(&[upstream]);
+    let prompt = m.tokens.with_label_values(&[model, upstream, "prompt"]);
+    let completion = m.tokens.with_label_values(&[model, upstream, "completion"]);
+    g.bench_function("record_request/resolved_handles", |b| {
+        b.iter(|| {
+            m.in_flight.inc();
+            requests.inc();
+            duration.observe(black_box(0.0042));
+            attempts.inc();
+            attempt_duration.observe(black_box(0.0041));
+            prompt.inc_by(black_box(1523));
+            completion.inc_by(black_box(412));
+            m.overhead.observe(black_box(0.00004));
+            m.in_flight.dec();
+        })
+    });
+    // A scrape of the registry holding those series.
+    g.bench_function("render", |b| b.iter(|| m.render()));
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = sse, usage_extraction, model_rewrite, breaker, limiter, metrics
+}
+criterion_main!(benches);
