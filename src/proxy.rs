@@ -172,7 +172,11 @@ async fn run(
             Endpoint::Embeddings => 0,
             _ => limiter.settings().default_max_tokens,
         };
-        let estimate = crate::ratelimit::estimate_tokens(&body, default_max_tokens);
+        let estimate = if limiter.counts_tokens() {
+            crate::ratelimit::estimate_tokens(&body, default_max_tokens)
+        } else {
+            0
+        };
         record.set_admission(limiter.admit_request(&key, &model.name, estimate).await?);
         estimate
     } else {

@@ -11,12 +11,13 @@ use serde_json::value::RawValue;
 
 use crate::error::{clip, GatewayError};
 
-/// The OpenAI endpoints relaygate forwards.
+/// The OpenAI endpoints relaygate forwards (the discriminants index
+/// per-endpoint tables).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
+    ChatCompletions = 0,
+    Completions = 1,
+    Embeddings = 2,
 }
 
 impl Endpoint {

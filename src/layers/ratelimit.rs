@@ -64,7 +64,7 @@ where
                 }
                 Err(e) => {
                     // The attempt used no tokens.
-                    tokio::spawn(admission.reconcile(0));
+                    admission.reconcile_in_background(0);
                     Err(e)
                 }
             }

@@ -280,6 +280,11 @@ impl Limiter {
         !self.inner.slots.is_empty()
     }
 
+    /// Whether any rule limits tokens (so admissions need a token estimate).
+    pub fn counts_tokens(&self) -> bool {
+        self.inner.slots.iter().any(|s| s.rule.tokens.is_some())
+    }
+
     pub fn settings(&self) -> &RateLimitSettings {
         &self.inner.settings
     }
@@ -741,6 +746,16 @@ impl Admission {
     /// under (a bucket can go into debt; later calls then wait). An attempt
     /// that used no tokens (failed upstream) reconciles with 0. Bounded by
     /// `redis_timeout`; a failure is counted and otherwise ignored.
+    /// Reconciles now when that needs no I/O (the local backend, or nothing
+    /// reserved), else in a spawned task: a request never waits on it.
+    pub fn reconcile_in_background(self, actual_tokens: u64) {
+        use futures_util::FutureExt;
+        let mut fut = Box::pin(self.reconcile(actual_tokens));
+        if (&mut fut).now_or_never().is_none() {
+            tokio::spawn(fut);
+        }
+    }
+
     pub async fn reconcile(self, actual_tokens: u64) {
         let Some(inner) = self.limiter else {
             return;
