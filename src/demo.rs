@@ -94,10 +94,14 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
     for sim in &sims {
         println!("  upstream {:<12} {}", sim.name(), sim.base_url());
     }
+    println!("  models:");
     println!(
-        "  models: deepseek-chat (healthy upstream), deepseek-flaky (fails {:.0}% of requests)",
+        "    deepseek-chat    sim-flaky (fails {:.0}% of requests), failing over to sim-healthy;",
         args.flaky_error_rate * 100.0
     );
+    println!("                     10% is also mirrored to a shadow candidate (see /metrics relaygate_shadow_*)");
+    println!("    deepseek-hedged  the same pair, hedged after 250 ms");
+    println!("    deepseek-flaky   sim-flaky alone: its errors reach the client");
     println!();
     println!("Base URL: {base}   (any API key works)");
     println!();
