@@ -221,9 +221,9 @@ async fn health_percentiles_follow_a_known_latency_distribution() {
     assert_eq!(health["request_count"], 20);
     assert_eq!(health["success_rate"], 1.0);
     let p = |q: &str| health["latency_ms"][q].as_f64().unwrap();
-    assert!((48.0..150.0).contains(&p("p50")), "{health}");
+    assert!((48.0..300.0).contains(&p("p50")), "{health}");
     assert!(
-        (48.0..150.0).contains(&p("p95")),
+        (48.0..300.0).contains(&p("p95")),
         "nearest rank: the 19th of 20, {health}"
     );
     assert!((395.0..700.0).contains(&p("p99")), "{health}");
