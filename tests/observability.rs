@@ -190,18 +190,10 @@ async fn health_percentiles_follow_a_known_latency_distribution() {
     // 19 requests at ~50 ms, then 1 at ~400 ms: p50 ~50 ms, p95 ~50 ms
     // (rank 19 of 20), p99 ~400 ms (rank 20).
     let run = |n: usize| {
-        let gw_url = gw.v1("/chat/completions");
-        let c = c.clone();
+        let gw = &gw;
         async move {
-            let tasks: Vec<_> = (0..n)
-                .map(|_| {
-                    let (c, url) = (c.clone(), gw_url.clone());
-                    tokio::spawn(async move { c.post(url).bearer_auth(CLIENT_KEY).json(&chat(false)).send().await })
-                })
-                .collect();
-            for t in tasks {
-                assert_eq!(t.await.unwrap().unwrap().status(), 200);
-            }
+            let sent = send_concurrently(gw, n, n, &chat(false)).await;
+            assert!(sent.iter().all(|s| s.status == 200));
         }
     };
     run(19).await;

@@ -19,25 +19,8 @@ fn with(base: String, extra: &str) -> String {
     format!("{}{extra}\n{}", &base[..at], &base[at..])
 }
 
-async fn burst(gw: &Gateway, n: usize) -> Vec<reqwest::Response> {
-    let c = client();
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let (c, url) = (c.clone(), gw.v1("/chat/completions"));
-        tasks.push(tokio::spawn(async move {
-            c.post(url)
-                .bearer_auth(CLIENT_KEY)
-                .json(&chat(false))
-                .send()
-                .await
-                .unwrap()
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
+async fn burst(gw: &Gateway, n: usize) -> Vec<Sent> {
+    send_concurrently(gw, n, n, &chat(false)).await
 }
 
 #[tokio::test]
@@ -49,21 +32,21 @@ async fn a_burst_admits_exactly_the_limit_and_rejects_with_openai_headers() {
     );
     let gw = Gateway::start(&config, &[]).await;
     let responses = burst(&gw, 20).await;
-    let (ok, limited): (Vec<_>, Vec<_>) = responses.into_iter().partition(|r| r.status() == 200);
+    let (ok, limited): (Vec<_>, Vec<_>) = responses.into_iter().partition(|r| r.status == 200);
     assert_eq!(ok.len(), 4, "exactly the burst is admitted");
     assert_eq!(limited.len(), 16);
     assert_eq!(sim.stats().requests, 4, "rejected requests never reach upstream");
     for r in &ok {
-        assert_eq!(r.headers()["x-ratelimit-limit-requests"], "6");
-        assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
-        assert!(r.headers().contains_key("x-ratelimit-reset-requests"));
+        assert_eq!(r.headers["x-ratelimit-limit-requests"], "6");
+        assert!(r.headers.contains_key("x-ratelimit-remaining-requests"));
+        assert!(r.headers.contains_key("x-ratelimit-reset-requests"));
     }
     let r = limited.into_iter().next().unwrap();
-    assert_eq!(r.status(), 429);
-    let retry_after: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(r.status, 429);
+    let retry_after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=10).contains(&retry_after), "{retry_after}");
-    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
-    let body: Value = r.json().await.unwrap();
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "0");
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     let m = gw.metrics().await;
     assert_eq!(
@@ -151,7 +134,7 @@ async fn queue_mode_waits_for_a_slot() {
     let gw = Gateway::start(&config, &[]).await;
     let started = Instant::now();
     let responses = burst(&gw, 2).await;
-    assert!(responses.iter().all(|r| r.status() == 200));
+    assert!(responses.iter().all(|r| r.status == 200));
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(800) && took < Duration::from_secs(3),

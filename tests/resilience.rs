@@ -408,25 +408,8 @@ async fn with_every_upstream_failing_the_retry_budget_holds_attempts_near_reques
                  [circuit_breaker]\nconsecutive_failures = 100000\nmin_requests = 100000\n";
     let gw = Gateway::start(&pair(&a, &b, extra), &[]).await;
     let requests = 400;
-    let c = client();
-    let mut tasks = Vec::new();
-    for _ in 0..requests {
-        let (c, url) = (c.clone(), gw.v1("/chat/completions"));
-        tasks.push(tokio::spawn(async move {
-            c.post(url)
-                .bearer_auth(CLIENT_KEY)
-                .json(&chat(false))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }));
-        if tasks.len() % 50 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 500);
+    for sent in send_concurrently(&gw, requests, 50, &chat(false)).await {
+        assert_eq!(sent.status, 500);
     }
     let attempts = a.stats().requests + b.stats().requests;
     let ratio = attempts as f64 / requests as f64;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use relaygate::sim::{Faults, Sim};
@@ -29,33 +29,9 @@ async fn shadow_total(gw: &Gateway) -> f64 {
 }
 
 async fn send_many(gw: &Gateway, n: usize, concurrency: usize) -> Vec<Duration> {
-    let c = client();
-    let mut latencies = Vec::with_capacity(n);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(concurrency) {
-        let tasks: Vec<_> = chunk
-            .iter()
-            .map(|_| {
-                let (c, url) = (c.clone(), gw.v1("/chat/completions"));
-                tokio::spawn(async move {
-                    let t = Instant::now();
-                    let r = c
-                        .post(url)
-                        .bearer_auth(CLIENT_KEY)
-                        .json(&chat(false))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
-                    r.bytes().await.unwrap();
-                    t.elapsed()
-                })
-            })
-            .collect();
-        for t in tasks {
-            latencies.push(t.await.unwrap());
-        }
-    }
-    latencies
+    let sent = send_concurrently(gw, n, concurrency, &chat(false)).await;
+    assert!(sent.iter().all(|s| s.status == 200));
+    sent.into_iter().map(|s| s.latency).collect()
 }
 
 fn p99(mut v: Vec<Duration>) -> Duration {

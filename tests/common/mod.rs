@@ -163,6 +163,45 @@ pub async fn post_chat(gw: &Gateway, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// What one request of a concurrent batch saw (its body read to the end).
+pub struct Sent {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+    pub latency: Duration,
+}
+
+/// Sends `n` copies of `body` to `/v1/chat/completions` with the client
+/// key, `concurrency` at a time.
+pub async fn send_concurrently(gw: &Gateway, n: usize, concurrency: usize, body: &Value) -> Vec<Sent> {
+    let c = client();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = concurrency.min(n - out.len());
+        let tasks: Vec<_> = (0..batch)
+            .map(|_| {
+                let (c, url, body) = (c.clone(), gw.v1("/chat/completions"), body.clone());
+                tokio::spawn(async move {
+                    let started = tokio::time::Instant::now();
+                    let r = c.post(url).bearer_auth(CLIENT_KEY).json(&body).send().await.unwrap();
+                    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+                    let body = r.bytes().await.unwrap();
+                    Sent {
+                        status,
+                        headers,
+                        body,
+                        latency: started.elapsed(),
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+    }
+    out
+}
+
 /// Polls `check` until it returns true, panicking after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
