@@ -823,8 +823,8 @@ impl RawConfig {
             }
         };
         let h = self.health;
-        if h.window < Duration::from_secs(10) {
-            return Err(ConfigError::at("health.window", "must be at least 10s"));
+        if h.window < Duration::from_secs(20) {
+            return Err(ConfigError::at("health.window", "must be at least 20s"));
         }
         for (key, v) in [
             ("degraded_below", h.degraded_below),
