@@ -62,16 +62,12 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
 pub fn describe(u: &Upstream) -> Value {
     let breaker = &u.state.breaker;
     let (requests, failures, consecutive) = breaker.counts();
-    let host = reqwest::Url::parse(&u.config.base_url)
-        .ok()
-        .and_then(|url| url.host_str().map(str::to_owned))
-        .unwrap_or_default();
     let last_error = breaker
         .last_error()
         .map(|(class, ago)| json!({ "class": class.as_str(), "seconds_ago": ago.as_secs_f64() }));
     json!({
         "name": &*u.name,
-        "host": host,
+        "host": u.host,
         "breaker": {
             "state": breaker.state().as_str(),
             "open_remaining_seconds": breaker.retry_after().as_secs_f64(),

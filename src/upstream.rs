@@ -38,6 +38,8 @@ pub struct Upstream {
     /// `base_url` + each endpoint's path, parsed once: reqwest would parse a
     /// `&str` URL on every request (it showed in profiles).
     urls: [reqwest::Url; 3],
+    /// The host of `base_url` (for traces and admin output; never the key).
+    pub host: String,
     client: reqwest::Client,
     /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
     authorization: Option<HeaderValue>,
@@ -264,6 +266,7 @@ impl Upstream {
                 url(Endpoint::Completions),
                 url(Endpoint::Embeddings),
             ],
+            host: url(Endpoint::ChatCompletions).host_str().unwrap_or_default().to_owned(),
             client: http_client(&config)?,
             authorization: authorization_header(&config),
             limit: (config.max_concurrency > 0).then(|| Arc::new(Semaphore::new(config.max_concurrency))),

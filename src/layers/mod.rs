@@ -384,15 +384,11 @@ fn attempt_span(
         Ok(Reply::Full { status, .. }) | Ok(Reply::Stream { status, .. }) => (Some(status.as_u16()), None),
         Err(e) => (e.status, Some(e.error_type.as_str().to_owned())),
     };
-    let server_address = reqwest::Url::parse(&upstream.config.base_url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_default();
     AttemptSpan {
         span_id,
         upstream: upstream.name.to_string(),
         upstream_model: upstream_model.to_owned(),
-        server_address,
+        server_address: upstream.host.clone(),
         start,
         end: std::time::SystemTime::now(),
         status,
