@@ -257,9 +257,7 @@ async fn ledger_lines_match_requests_one_to_one_after_a_burst_and_shutdown() {
     )
     .await
     .unwrap();
-    let dir = std::env::temp_dir().join(format!("relaygate-ledger-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ledger = dir.join("usage.jsonl");
+    let ledger = common::process::temp_dir().join("usage.jsonl");
     let mut config = config_for(&[("a", &sim), ("b", &broken)]);
     config.push_str(&format!(
         "\n[ledger]\npath = \"{}\"\n\n[[models]]\nname = \"cut\"\ntargets = [{{ upstream = \"b\" }}]\n",

@@ -228,9 +228,7 @@ async fn compare_prints_the_table_from_a_ledger_and_admin_shadow_agrees() {
         Sim::start("a", Faults::default()).await.unwrap(),
         Sim::start("s", Faults::default()).await.unwrap(),
     );
-    let dir = std::env::temp_dir().join(format!("relaygate-shadow-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ledger = dir.join("usage.jsonl");
+    let ledger = common::process::temp_dir().join("usage.jsonl");
     let mut config = shadowed(&a, &s, 1.0, 64);
     config.push_str(&format!("\n[ledger]\npath = \"{}\"\n", ledger.display()));
     let mut gw = Gateway::start(&config, &[]).await;

@@ -202,6 +202,19 @@ pub async fn send_concurrently(gw: &Gateway, n: usize, concurrency: usize, body:
     out
 }
 
+/// Sends a plain chat request and gives up on it after `after`, as a client
+/// with a short timeout would (the connection is dropped).
+pub async fn abandon_chat(gw: &Gateway, after: Duration) {
+    let c = reqwest::Client::builder().timeout(after).build().unwrap();
+    let r = c
+        .post(gw.v1("/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .json(&chat(false))
+        .send()
+        .await;
+    assert!(r.unwrap_err().is_timeout(), "the client gives up first");
+}
+
 /// Polls `check` until it returns true, panicking after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where

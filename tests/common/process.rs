@@ -9,10 +9,16 @@ use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_relaygate");
 
-pub fn temp_file(name: &str, contents: &str) -> PathBuf {
+/// A fresh directory of its own under the system temp dir.
+pub fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("relaygate-test-{}-{}", std::process::id(), fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    dir
+}
+
+/// `contents` written to `name` in a fresh temp dir.
+pub fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let path = temp_dir().join(name);
     std::fs::write(&path, contents).unwrap();
     path
 }
