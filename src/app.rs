@@ -86,7 +86,7 @@ pub enum BuildError {
     Client {
         upstream: String,
         #[source]
-        source: reqwest::Error,
+        source: rustls::Error,
     },
 }
 

@@ -889,7 +889,16 @@ fn validate_base_url(path: &str, url: &str) -> Result<String, ConfigError> {
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(ConfigError::at(path, "must not have a query or fragment"));
     }
-    Ok(url.trim_end_matches('/').to_owned())
+    let base = url.trim_end_matches('/');
+    // The upstream client takes an `http::Uri`, which is stricter than a URL
+    // parser (it takes no raw non-ASCII, for one).
+    if http::Uri::try_from(format!("{base}/chat/completions")).is_err() {
+        return Err(ConfigError::at(
+            path,
+            format!("invalid URL {url:?}: not a valid HTTP URI (write a non-ASCII host in punycode, xn--…)"),
+        ));
+    }
+    Ok(base.to_owned())
 }
 
 // ---------------------------------------------------------------------------

@@ -14,7 +14,11 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::config::{Config, UpstreamConfig};
-use crate::upstream::{authorization_header, http_client};
+use bytes::Bytes;
+use http::{header, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::upstream::{authorization_header, http_client, tls_config, USER_AGENT};
 
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -161,40 +165,29 @@ pub async fn check(config: UpstreamConfig) -> Report {
     };
 
     let started = Instant::now();
-    report.models = match http_client(&config) {
-        Err(e) => failed(started, format!("cannot build client: {e}")),
-        Ok(client) => {
-            let mut request = client.get(format!("{}/models", config.base_url));
-            if let Some(auth) = authorization_header(&config) {
-                request = request.header(http::header::AUTHORIZATION, auth);
-            }
-            let limit = config.first_byte_timeout.min(Duration::from_secs(30));
-            match tokio::time::timeout(limit, request.send()).await {
-                Err(_) => failed(started, format!("no answer in {}", humantime::format_duration(limit))),
-                Ok(Err(e)) => failed(started, format!("request failed: {}", without_url(&e))),
-                Ok(Ok(response)) => {
-                    let status = response.status();
-                    let body = response.bytes().await.unwrap_or_default();
-                    if status.is_success() {
-                        let count = serde_json::from_slice::<serde_json::Value>(&body)
-                            .ok()
-                            .and_then(|v| v["data"].as_array().map(Vec::len));
-                        match count {
-                            Some(n) => ok(started, format!("HTTP {}, {n} models", status.as_u16())),
-                            None => failed(started, format!("HTTP {} but not a model list", status.as_u16())),
-                        }
-                    } else if status.as_u16() == 401 || status.as_u16() == 403 {
-                        failed(
-                            started,
-                            format!(
-                                "HTTP {}: the upstream rejects api_key (rotated or wrong key?)",
-                                status.as_u16()
-                            ),
-                        )
-                    } else {
-                        failed(started, format!("HTTP {}", status.as_u16()))
-                    }
+    let limit = config.first_byte_timeout.min(Duration::from_secs(30));
+    report.models = match tokio::time::timeout(limit, list_models(&config)).await {
+        Err(_) => failed(started, format!("no answer in {}", humantime::format_duration(limit))),
+        Ok(Err(reason)) => failed(started, reason),
+        Ok(Ok((status, body))) => {
+            if status.is_success() {
+                let count = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["data"].as_array().map(Vec::len));
+                match count {
+                    Some(n) => ok(started, format!("HTTP {}, {n} models", status.as_u16())),
+                    None => failed(started, format!("HTTP {} but not a model list", status.as_u16())),
                 }
+            } else if status.as_u16() == 401 || status.as_u16() == 403 {
+                failed(
+                    started,
+                    format!(
+                        "HTTP {}: the upstream rejects api_key (rotated or wrong key?)",
+                        status.as_u16()
+                    ),
+                )
+            } else {
+                failed(started, format!("HTTP {}", status.as_u16()))
             }
         }
     };
@@ -202,13 +195,7 @@ pub async fn check(config: UpstreamConfig) -> Report {
 }
 
 async fn tls_handshake(tcp: TcpStream, host: &str) -> Result<String, String> {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut config = config;
+    let mut config = tls_config().map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -224,13 +211,35 @@ async fn tls_handshake(tcp: TcpStream, host: &str) -> Result<String, String> {
     Ok(format!("{version} {alpn}").trim().to_owned())
 }
 
-/// reqwest's errors include the URL; the message is enough here.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    if let Some(url) = e.url() {
-        text = text.replace(url.as_str(), "");
+/// `GET {base_url}/models` with the upstream's key, through the same client
+/// the gateway uses. The answer is read up to 1 MiB.
+async fn list_models(config: &UpstreamConfig) -> Result<(http::StatusCode, Bytes), String> {
+    let client = http_client(config).map_err(|e| format!("cannot build client: {e}"))?;
+    let uri = Uri::try_from(format!("{}/models", config.base_url)).map_err(|e| e.to_string())?;
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.uri_mut() = uri;
+    request.headers_mut().insert(header::USER_AGENT, USER_AGENT);
+    if let Some(auth) = authorization_header(config) {
+        request.headers_mut().insert(header::AUTHORIZATION, auth);
     }
-    let mut source = std::error::Error::source(e);
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("request failed: {}", with_sources(&e)))?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// An error and its causes on one line (hyper's own message is only
+/// "client error (Connect)").
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
     while let Some(s) = source {
         text.push_str(": ");
         text.push_str(&s.to_string());

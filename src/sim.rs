@@ -56,6 +56,9 @@ pub struct Faults {
     pub reasoning_tokens: u64,
     /// Require this bearer key (401 otherwise).
     pub require_key: Option<String>,
+    /// Answer `307 Temporary Redirect` to this URL (an upstream that tries
+    /// to send the request, and its key, elsewhere).
+    pub redirect_to: Option<String>,
 }
 
 impl Default for Faults {
@@ -76,6 +79,7 @@ impl Default for Faults {
             cached_tokens: 0,
             reasoning_tokens: 0,
             require_key: None,
+            redirect_to: None,
         }
     }
 }
@@ -320,6 +324,9 @@ async fn prologue(inner: &Inner, req: Request) -> Result<(Faults, Value), Respon
     if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
         let status = [500, 502, 503][fastrand::usize(..3)];
         return Err(error(status, "simulated", "simulated random failure", None));
+    }
+    if let Some(to) = &faults.redirect_to {
+        return Err((StatusCode::TEMPORARY_REDIRECT, [("location", to.as_str())]).into_response());
     }
     if faults.garbage_body {
         return Err((

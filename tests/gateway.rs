@@ -452,6 +452,32 @@ async fn garbage_body_is_502() {
 }
 
 #[tokio::test]
+async fn redirects_are_never_followed() {
+    // Following one would send the request, with the upstream key, to
+    // whatever host the Location names.
+    let elsewhere = Sim::start("elsewhere", Faults::default()).await.unwrap();
+    let sim = Sim::start(
+        "a",
+        Faults {
+            redirect_to: Some(format!("{}/chat/completions", elsewhere.base_url())),
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::with_sim(&sim).await;
+    expect_error(post_chat(&gw, &chat(false)).await, 502, "upstream_error").await;
+    assert!(sim.stats().requests >= 1);
+    assert_eq!(elsewhere.stats().requests, 0, "the redirect was followed");
+    let seen = sim.last_request().unwrap();
+    assert!(
+        seen.headers["user-agent"].to_str().unwrap().starts_with("relaygate/"),
+        "{:?}",
+        seen.headers["user-agent"]
+    );
+}
+
+#[tokio::test]
 async fn headers_delayed_past_first_byte_timeout_is_504_and_cancels_upstream() {
     let sim = Sim::start(
         "a",
