@@ -122,9 +122,7 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
             continue;
         }
         let has_text = |key: &[u8]| {
-            data.windows(key.len())
-                .position(|w| w == key)
-                .is_some_and(|at| data.get(at + key.len()).is_some_and(|&c| c != b'"'))
+            memchr::memmem::find(data, key).is_some_and(|at| data.get(at + key.len()).is_some_and(|&c| c != b'"'))
         };
         if has_text(b"\"content\":\"") || has_text(b"\"text\":\"") {
             info.content_events += 1;
@@ -139,7 +137,7 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// The client's response body for a stream whose first batch has already

@@ -72,8 +72,45 @@ impl From<RawUsage> for Usage {
 /// Parses a JSON response body (or one SSE event's data): `Err` when it is not
 /// JSON at all, `Ok(None)` when it is JSON without a `usage` object.
 pub fn from_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    if let Some(usage) = usage_at_the_end(body) {
+        return Ok(Some(usage));
+    }
     let parsed: WithUsage = serde_json::from_slice(body)?;
     Ok(parsed.usage.map(Usage::from))
+}
+
+/// The fast path for a whole answer: providers put `usage` near the end, so
+/// find the last `"usage":` key and parse from there, not the whole body (a
+/// full parse of a 600-byte answer was 7 % of the instructions per request).
+///
+/// The object is taken only when it is provably a member of the outermost
+/// object: the body is `{…}`, the key follows `{` or `,`, and what comes after
+/// the usage value closes the outermost object (`}`, or `,` + members + `}`,
+/// checked by parsing that tail). The text before the key is not validated:
+/// a body that starts with `{`, ends with a valid tail and is broken in the
+/// middle is taken as JSON. Anything else falls back to the full parse.
+fn usage_at_the_end(body: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let body = body.trim_ascii();
+    if body.first() != Some(&b'{') || body.last() != Some(&b'}') {
+        return None;
+    }
+    let at = memchr::memmem::rfind(body, KEY)?;
+    if !matches!(body[..at].trim_ascii_end().last(), Some(b',' | b'{')) {
+        return None;
+    }
+    let value = body[at + KEY.len()..].trim_ascii_start().strip_prefix(b":")?;
+    let mut values = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
+    let raw = values.next()?.ok()?;
+    let tail = value[values.byte_offset()..].trim_ascii();
+    let closes_outermost = tail == b"}"
+        || tail.strip_prefix(b",").is_some_and(|members| {
+            let mut object = Vec::with_capacity(members.len() + 1);
+            object.push(b'{');
+            object.extend_from_slice(members);
+            serde_json::from_slice::<serde::de::IgnoredAny>(&object).is_ok()
+        });
+    closes_outermost.then(|| Usage::from(raw))
 }
 
 impl Usage {
@@ -112,6 +149,39 @@ mod tests {
         assert_eq!(from_json(br#"{"choices":[]}"#).unwrap(), None);
         assert_eq!(from_json(br#"{"usage":null}"#).unwrap(), None);
         assert!(from_json(b"<html>").is_err());
+    }
+
+    #[test]
+    fn the_fast_path_takes_only_the_outermost_usage() {
+        let u = |p: u64| Usage {
+            prompt: p,
+            completion: 2,
+            ..Usage::default()
+        };
+        let body = |s: &str| s.as_bytes().to_vec();
+        // OpenAI's order: usage, then scalar members.
+        let openai = body(
+            r#"{"id":"x","choices":[{"message":{"content":"say \"usage\": {}"}}],
+               "usage":{"prompt_tokens":3,"completion_tokens":2},"service_tier":"default","system_fingerprint":null}"#,
+        );
+        assert_eq!(usage_at_the_end(&openai), Some(u(3)));
+        assert_eq!(from_json(&openai).unwrap(), Some(u(3)));
+        // A nested "usage" after the real one is not taken by the fast path,
+        // and the full parse still finds the outermost one.
+        let nested = body(
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":2},"extra":{"usage":{"prompt_tokens":99,"completion_tokens":2}}}"#,
+        );
+        assert_eq!(usage_at_the_end(&nested), None);
+        assert_eq!(from_json(&nested).unwrap(), Some(u(3)));
+        let inner_last = body(r#"{"a":{"usage":{"prompt_tokens":99,"completion_tokens":2}}}"#);
+        assert_eq!(usage_at_the_end(&inner_last), None);
+        assert_eq!(from_json(&inner_last).unwrap(), None);
+        // "usage" as a string value, not a key.
+        assert_eq!(usage_at_the_end(br#"{"a":"usage","b":1}"#), None);
+        // Truncated or not an object: full parse, which fails.
+        assert!(from_json(br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}"#).is_err());
+        assert_eq!(usage_at_the_end(br#"[{"usage":{"prompt_tokens":3}}]"#), None);
+        assert!(from_json(br#"{"usage":{"prompt_tokens":3,"completion_tokens":2},"x":}"#).is_err());
     }
 
     #[test]
