@@ -4,6 +4,7 @@
 //! a request is described in `proxy`, the server layers in `routes`.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -14,6 +14,7 @@ use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::access_log::AccessLine;
 use crate::config::Price;
 use crate::error::GatewayError;
 use crate::layers::circuit::Breaker;
@@ -204,9 +205,11 @@ impl RequestRecord {
     }
 
     /// `x-ratelimit-*` for the response, when a rule matched.
-    pub fn rate_limit_headers(&self) -> Option<http::HeaderMap> {
-        let headers = self.admission.as_ref()?.headers();
-        (!headers.is_empty()).then_some(headers)
+    /// The `x-ratelimit-*` headers of the rules this request matched.
+    pub fn write_rate_limit_headers(&self, headers: &mut http::HeaderMap) {
+        if let Some(admission) = &self.admission {
+            admission.write_headers(headers);
+        }
     }
 
     /// Keeps a concurrency slot until this request ends.
@@ -355,24 +358,21 @@ impl RequestRecord {
         self.observe_health(elapsed, outcome);
         self.write_ledger(request_id, status, outcome, elapsed);
         self.export_trace(status, outcome);
-        tracing::info!(
-            target: "relaygate::access",
+        crate::access_log::write(&AccessLine {
             request_id,
-            key = %self.key,
-            model = %self.model,
-            upstream = self.upstream.as_deref().unwrap_or("-"),
+            key: &self.key,
+            model: &self.model,
+            upstream: self.upstream.as_deref().unwrap_or("-"),
             status,
-            outcome = outcome.as_str(),
-            error = error_code.unwrap_or("-"),
-            stream = self.stream,
-            attempts = self.attempts,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            ttft_ms = self.ttft.map(|t| t.as_secs_f64() * 1000.0),
-            prompt_tokens = self.usage.map(|u| u.prompt),
-            completion_tokens = self.usage.map(|u| u.completion),
-            usage_estimated = self.usage_estimated,
-            "request"
-        );
+            outcome: outcome.as_str(),
+            error: error_code.unwrap_or("-"),
+            stream: self.stream,
+            attempts: self.attempts,
+            latency: elapsed,
+            ttft: self.ttft,
+            tokens: self.usage.map(|u| (u.prompt, u.completion)),
+            usage_estimated: self.usage_estimated,
+        });
     }
 
     fn observe_health(&self, elapsed: Duration, outcome: Outcome) {

@@ -332,7 +332,34 @@ async fn demo_serves_without_a_key_or_network() {
     let body = read_all(resp).await;
     assert!(body.ends_with(b"data: [DONE]\n\n"));
     proc.signal("-INT");
-    let (code, out, _) = proc.finish().await;
+    let (code, out, err) = proc.finish().await;
     assert_eq!(code, 0);
     assert!(out.contains("from openai import OpenAI"), "{out}");
+    // The access log (its own writer, see src/access_log.rs) is on by
+    // default, one line per request, and RUST_LOG turns it off.
+    assert!(
+        err.lines()
+            .any(|l| l.contains(" INFO relaygate::access: request request_id=\"req_")),
+        "{err}"
+    );
+    let quiet = Proc::spawn(
+        &["demo", "--listen", "127.0.0.1:0"],
+        &[("RUST_LOG", "info,relaygate::access=off")],
+    )
+    .await;
+    let resp = c
+        .post(format!("{}/v1/chat/completions", quiet.url))
+        .json(&json!({ "model": "deepseek-chat", "messages": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    quiet.signal("-INT");
+    let (code, _, err) = quiet.finish().await;
+    assert_eq!(code, 0);
+    assert!(!err.contains("relaygate::access"), "{err}");
+    assert!(
+        err.contains(" INFO relaygate::app: shutting down"),
+        "other logs stay: {err}"
+    );
 }

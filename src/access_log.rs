@@ -1,0 +1,251 @@
+//! The access-log line: one per request, at its end, on stderr with the rest
+//! of the logs.
+//!
+//! It is an event of target `relaygate::access` at INFO, so `RUST_LOG`
+//! filters it like any other (`RUST_LOG=info,relaygate::access=off` turns it
+//! off), and it looks like the lines around it: the same JSON object shape
+//! under `--log-format json`, the same `key=value` line otherwise (without
+//! colours). It is written here rather than through `tracing::info!` because
+//! the fmt subscriber formats every field through `Debug` and `fmt::Write`:
+//! that was 15 % of the instructions per request (docs/performance.md).
+//! This writer builds the line in a reused buffer and writes it with one
+//! `write` call, as the subscriber does.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, SystemTime};
+
+use crate::logging::{self, LogFormat};
+
+/// What one access-log line says.
+pub struct AccessLine<'a> {
+    pub request_id: &'a str,
+    pub key: &'a str,
+    pub model: &'a str,
+    pub upstream: &'a str,
+    pub status: u16,
+    pub outcome: &'a str,
+    pub error: &'a str,
+    pub stream: bool,
+    pub attempts: u32,
+    pub latency: Duration,
+    pub ttft: Option<Duration>,
+    /// Prompt and completion tokens, when known.
+    pub tokens: Option<(u64, u64)>,
+    pub usage_estimated: bool,
+}
+
+/// Writes the line if the access log is enabled.
+pub fn write(line: &AccessLine<'_>) {
+    if !tracing::enabled!(target: "relaygate::access", tracing::Level::INFO) {
+        return;
+    }
+    let Some(format) = logging::format() else {
+        // A subscriber that `logging::init` did not install (an embedding
+        // program's): give it an ordinary event.
+        line.as_event();
+        return;
+    };
+    thread_local! {
+        static BUF: RefCell<String> = RefCell::new(String::with_capacity(512));
+    }
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        match format {
+            LogFormat::Json => line.json(buf, SystemTime::now()),
+            LogFormat::Pretty => line.text(buf, SystemTime::now()),
+        }
+        // Like the fmt subscriber: one write per line, errors ignored.
+        let _ = std::io::stderr().lock().write_all(buf.as_bytes());
+    });
+}
+
+impl AccessLine<'_> {
+    fn as_event(&self) {
+        tracing::info!(
+            target: "relaygate::access",
+            request_id = self.request_id,
+            key = self.key,
+            model = self.model,
+            upstream = self.upstream,
+            status = self.status,
+            outcome = self.outcome,
+            error = self.error,
+            stream = self.stream,
+            attempts = self.attempts,
+            latency_ms = millis(self.latency),
+            ttft_ms = self.ttft.map(millis),
+            prompt_tokens = self.tokens.map(|t| t.0),
+            completion_tokens = self.tokens.map(|t| t.1),
+            usage_estimated = self.usage_estimated,
+            "request"
+        );
+    }
+
+    /// The shape of the fmt subscriber's JSON with `flatten_event(true)`.
+    fn json(&self, buf: &mut String, now: SystemTime) {
+        let _ = write!(
+            buf,
+            r#"{{"timestamp":"{}","level":"INFO","message":"request","request_id":"#,
+            humantime::format_rfc3339_micros(now)
+        );
+        json_str(buf, self.request_id);
+        for (name, value) in [("key", self.key), ("model", self.model), ("upstream", self.upstream)] {
+            let _ = write!(buf, r#","{name}":"#);
+            json_str(buf, value);
+        }
+        let _ = write!(buf, r#","status":{},"outcome":"#, self.status);
+        json_str(buf, self.outcome);
+        buf.push_str(r#","error":"#);
+        json_str(buf, self.error);
+        let _ = write!(
+            buf,
+            r#","stream":{},"attempts":{},"latency_ms":"#,
+            self.stream, self.attempts
+        );
+        push_millis(buf, self.latency);
+        if let Some(ttft) = self.ttft {
+            buf.push_str(r#","ttft_ms":"#);
+            push_millis(buf, ttft);
+        }
+        if let Some((prompt, completion)) = self.tokens {
+            let _ = write!(buf, r#","prompt_tokens":{prompt},"completion_tokens":{completion}"#);
+        }
+        let _ = writeln!(
+            buf,
+            r#","usage_estimated":{},"target":"relaygate::access"}}"#,
+            self.usage_estimated
+        );
+    }
+
+    /// The shape of the fmt subscriber's compact line: strings quoted as
+    /// `Debug` quotes them, numbers and booleans bare.
+    fn text(&self, buf: &mut String, now: SystemTime) {
+        let _ = write!(
+            buf,
+            "{}  INFO relaygate::access: request request_id=",
+            humantime::format_rfc3339_micros(now)
+        );
+        debug_str(buf, self.request_id);
+        // `key` and `model` were `Display` fields: bare.
+        let _ = write!(buf, " key={} model={} upstream=", self.key, self.model);
+        debug_str(buf, self.upstream);
+        let _ = write!(buf, " status={} outcome=", self.status);
+        debug_str(buf, self.outcome);
+        buf.push_str(" error=");
+        debug_str(buf, self.error);
+        let _ = write!(buf, " stream={} attempts={} latency_ms=", self.stream, self.attempts);
+        push_millis(buf, self.latency);
+        if let Some(ttft) = self.ttft {
+            buf.push_str(" ttft_ms=");
+            push_millis(buf, ttft);
+        }
+        if let Some((prompt, completion)) = self.tokens {
+            let _ = write!(buf, " prompt_tokens={prompt} completion_tokens={completion}");
+        }
+        let _ = writeln!(buf, " usage_estimated={}", self.usage_estimated);
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Milliseconds with microsecond precision, from integers: `12.345`.
+fn push_millis(buf: &mut String, d: Duration) {
+    let micros = d.as_micros();
+    let _ = write!(buf, "{}.{:03}", micros / 1000, micros % 1000);
+}
+
+/// Needs no escaping in JSON or in a `Debug` string.
+fn plain(s: &str) -> bool {
+    s.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+}
+
+fn json_str(buf: &mut String, s: &str) {
+    if plain(s) {
+        buf.push('"');
+        buf.push_str(s);
+        buf.push('"');
+    } else {
+        buf.push_str(&serde_json::Value::from(s).to_string());
+    }
+}
+
+fn debug_str(buf: &mut String, s: &str) {
+    if plain(s) {
+        buf.push('"');
+        buf.push_str(s);
+        buf.push('"');
+    } else {
+        let _ = write!(buf, "{s:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(request_id: &'static str) -> AccessLine<'static> {
+        AccessLine {
+            request_id,
+            key: "app-a",
+            model: "deepseek-chat",
+            upstream: "fast-a",
+            status: 200,
+            outcome: "success",
+            error: "-",
+            stream: true,
+            attempts: 2,
+            latency: Duration::from_micros(12_345),
+            ttft: Some(Duration::from_micros(987)),
+            tokens: Some((15, 5)),
+            usage_estimated: false,
+        }
+    }
+
+    #[test]
+    fn json_is_the_subscribers_shape_and_valid() {
+        let mut buf = String::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        line("req_1").json(&mut buf, now);
+        assert_eq!(
+            buf,
+            concat!(
+                r#"{"timestamp":"2023-11-14T22:13:20.123456Z","level":"INFO","message":"request","#,
+                r#""request_id":"req_1","key":"app-a","model":"deepseek-chat","upstream":"fast-a","#,
+                r#""status":200,"outcome":"success","error":"-","stream":true,"attempts":2,"#,
+                r#""latency_ms":12.345,"ttft_ms":0.987,"prompt_tokens":15,"completion_tokens":5,"#,
+                r#""usage_estimated":false,"target":"relaygate::access"}"#,
+                "\n"
+            )
+        );
+        // Odd characters are escaped, and the line stays one JSON object.
+        buf.clear();
+        line("a\"b\\c\nd\u{7f}é").json(&mut buf, now);
+        assert_eq!(buf.lines().count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&buf).unwrap();
+        assert_eq!(v["request_id"], "a\"b\\c\nd\u{7f}é");
+        assert_eq!(v["latency_ms"], 12.345);
+    }
+
+    #[test]
+    fn text_is_the_compact_shape() {
+        let mut buf = String::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let mut l = line("req_1");
+        l.ttft = None;
+        l.tokens = None;
+        l.text(&mut buf, now);
+        assert_eq!(
+            buf,
+            "2023-11-14T22:13:20.123456Z  INFO relaygate::access: request request_id=\"req_1\" key=app-a \
+             model=deepseek-chat upstream=\"fast-a\" status=200 outcome=\"success\" error=\"-\" stream=true \
+             attempts=2 latency_ms=12.345 usage_estimated=false\n"
+        );
+        buf.clear();
+        line("x\"y").text(&mut buf, now);
+        assert!(buf.contains(r#"request_id="x\"y""#), "{buf}");
+    }
+}
