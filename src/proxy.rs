@@ -65,13 +65,16 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             body,
             upstream,
         }) => {
-            if let Some(limits) = record.rate_limit_headers() {
-                headers.extend(limits);
-            }
+            record.write_rate_limit_headers(&mut headers);
             record.finish(status.as_u16(), Outcome::of_status(status.as_u16()), None);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
-            let mut response = (status, body).into_response();
-            response.headers_mut().extend(headers);
+            headers
+                .entry(header::CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static("application/octet-stream"));
+            // The upstream's header map becomes the response's: no copy.
+            let mut response = Response::new(axum::body::Body::from(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
             response
         }
         Ok(Proxied::Stream {
@@ -84,9 +87,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             strip_usage,
             upstream,
         }) => {
-            if let Some(limits) = record.rate_limit_headers() {
-                headers.extend(limits);
-            }
+            record.write_rate_limit_headers(&mut headers);
             let body = streaming::forward(reader, first, idle, deadline, strip_usage, record);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
             let mut response = Response::new(body);

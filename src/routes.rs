@@ -109,13 +109,52 @@ fn drop_unsafe_request_id(mut req: Request) -> Request {
 }
 
 /// Request ids: 16 random bytes as hex, like OpenAI's `req_…` ids but
-/// without a UUID dependency.
+/// without a UUID dependency. Hex-encoded by hand: this runs per request and
+/// `format!` showed in the profile.
 #[derive(Clone, Copy)]
 struct MakeId;
 
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
-        let id = format!("req_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = *b"req_00000000000000000000000000000000";
+        let random = fastrand::u128(..);
+        for (i, c) in id[4..].iter_mut().enumerate() {
+            *c = HEX[((random >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_req_and_32_hex_digits() {
+        let request = http::Request::new(());
+        let ids: Vec<String> = (0..100)
+            .map(|_| {
+                let id = MakeId.make_request_id(&request).unwrap();
+                id.header_value().to_str().unwrap().to_owned()
+            })
+            .collect();
+        for id in &ids {
+            assert_eq!(id.len(), 36, "{id}");
+            assert!(id.starts_with("req_"), "{id}");
+            assert!(
+                id[4..]
+                    .bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Every digit position takes several values (the shift covers all 128 bits).
+        for pos in 4..36 {
+            let values: std::collections::HashSet<u8> = ids.iter().map(|id| id.as_bytes()[pos]).collect();
+            assert!(values.len() > 4, "position {pos} is stuck: {values:?}");
+        }
     }
 }

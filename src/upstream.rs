@@ -360,16 +360,13 @@ impl Upstream {
         };
 
         let status = response.status();
-        let headers = response_headers(response.headers());
+        let (parts, body) = response.into_parts();
+        let headers = response_headers(parts.headers);
         let is_sse = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let mut body = response
-            .into_body()
-            .into_data_stream()
-            .map(|r| r.map_err(|_| BodyError))
-            .boxed();
+        let mut body = body.into_data_stream().map(|r| r.map_err(|_| BodyError)).boxed();
 
         if attempt.stream && status.is_success() && is_sse {
             let mut reader = SseReader::new(body);
@@ -559,25 +556,25 @@ pub fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
 /// hop-by-hop headers, the length (the server recomputes it), cookies (the
 /// relay's session is not the app's), and the upstream's request id, which
 /// is kept as `x-upstream-request-id` because relaygate sets its own.
-fn response_headers(upstream: &HeaderMap) -> HeaderMap {
-    let connection = upstream.get(header::CONNECTION);
-    let mut out = HeaderMap::with_capacity(upstream.len());
-    for (name, value) in upstream {
-        if is_hop_by_hop(name, connection)
-            || matches!(
-                name.as_str(),
-                "content-length" | "set-cookie" | "date" | "server" | "alt-svc"
-            )
-        {
-            continue;
+/// Edits the upstream's map in place: rebuilding it showed in the profile.
+fn response_headers(mut headers: HeaderMap) -> HeaderMap {
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        if let Ok(listed) = connection.to_str() {
+            for name in listed.split(',') {
+                headers.remove(name.trim());
+            }
         }
-        if name == "x-request-id" {
-            out.insert(HeaderName::from_static("x-upstream-request-id"), value.clone());
-            continue;
-        }
-        out.append(name.clone(), value.clone());
     }
-    out
+    for name in HOP_BY_HOP
+        .iter()
+        .chain(&["content-length", "set-cookie", "date", "server", "alt-svc"])
+    {
+        headers.remove(*name);
+    }
+    if let Some(id) = headers.remove("x-request-id") {
+        headers.insert(HeaderName::from_static("x-upstream-request-id"), id);
+    }
+    headers
 }
 
 #[cfg(test)]
@@ -655,8 +652,12 @@ mod tests {
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("set-cookie", HeaderValue::from_static("__cf_bm=1"));
         h.insert("x-request-id", HeaderValue::from_static("up-1"));
-        let out = response_headers(&h);
-        assert_eq!(out.len(), 3);
+        h.insert("connection", HeaderValue::from_static("keep-alive, X-Hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        let out = response_headers(h);
+        assert_eq!(out.len(), 3, "{out:?}");
         assert_eq!(out["x-upstream-request-id"], "up-1");
         assert!(out.contains_key("x-ratelimit-remaining-requests"));
     }

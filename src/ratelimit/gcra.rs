@@ -119,18 +119,28 @@ impl Info {
         }
     }
 
+    /// Names from constants and numbers through `HeaderValue::from(u64)`:
+    /// this runs on every admitted request (with `format!`s it was 5 % of the
+    /// instructions per request).
     pub fn write(&self, headers: &mut HeaderMap) {
-        for (dim, family) in [(self.requests, "requests"), (self.tokens, "tokens")] {
+        const NAMES: [[HeaderName; 3]; 2] = [
+            [
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+            ],
+            [
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+            ],
+        ];
+        for (dim, [limit, remaining, reset]) in [self.requests, self.tokens].into_iter().zip(NAMES) {
             let Some(dim) = dim else { continue };
-            for (what, value) in [
-                ("limit", dim.limit.to_string()),
-                ("remaining", dim.remaining.to_string()),
-                ("reset", go_duration(dim.reset)),
-            ] {
-                let name = HeaderName::from_bytes(format!("x-ratelimit-{what}-{family}").as_bytes());
-                if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(&value)) {
-                    headers.insert(name, value);
-                }
+            headers.insert(limit, HeaderValue::from(dim.limit));
+            headers.insert(remaining, HeaderValue::from(dim.remaining));
+            if let Ok(value) = HeaderValue::try_from(go_duration(dim.reset)) {
+                headers.insert(reset, value);
             }
         }
     }

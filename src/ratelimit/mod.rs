@@ -737,8 +737,13 @@ impl Admission {
     /// the matching rule with the fewest remaining. Empty when no rule matched.
     pub fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        self.info.write(&mut headers);
+        self.write_headers(&mut headers);
         headers
+    }
+
+    /// `headers()`, written into a response's own map.
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        self.info.write(headers);
     }
 
     /// Replaces the token estimate with the real usage in every rule that
