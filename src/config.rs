@@ -228,7 +228,27 @@ struct RawUpstream {
     request_timeout: Duration,
     #[serde(default)]
     max_concurrency: usize,
+    #[serde(default)]
+    http_version: HttpVersion,
     circuit_breaker: Option<RawBreaker>,
+}
+
+/// The HTTP version relaygate speaks to an upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum HttpVersion {
+    /// HTTP/1.1 with a keep-alive pool: one connection per concurrent
+    /// request. The default: an upstream's HTTP/2 stream limit can never
+    /// hold a request back.
+    #[default]
+    #[serde(rename = "1.1")]
+    Http1,
+    /// HTTP/2 when the upstream offers it in the TLS handshake (ALPN), else
+    /// HTTP/1.1.
+    #[serde(rename = "auto")]
+    Auto,
+    /// HTTP/2 only: ALPN over TLS, prior knowledge (h2c) over `http://`.
+    #[serde(rename = "2")]
+    Http2,
 }
 
 fn d_connect() -> Duration {
@@ -457,6 +477,7 @@ pub struct UpstreamConfig {
     pub request_timeout: Duration,
     /// Concurrent requests to this upstream; 0 is unlimited.
     pub max_concurrency: usize,
+    pub http_version: HttpVersion,
     pub circuit_breaker: BreakerConfig,
 }
 
@@ -651,6 +672,7 @@ impl RawConfig {
                 idle_timeout: u.idle_timeout,
                 request_timeout: u.request_timeout,
                 max_concurrency: u.max_concurrency,
+                http_version: u.http_version,
                 circuit_breaker: match &u.circuit_breaker {
                     Some(over) => over.resolve(&breaker, &at("circuit_breaker"))?,
                     None => breaker.clone(),
@@ -1081,6 +1103,20 @@ targets = [{ upstream = "sim" }]
         assert!(e.starts_with("server.listen: invalid address"), "{e}");
         let e = err("not toml = = 1");
         assert!(e.starts_with("invalid TOML"), "{e}");
+        let with_version = |v: &str| MINIMAL.replace("api_key =", &format!("http_version = {v}\napi_key ="));
+        let e = err(&with_version("\"3\""));
+        assert!(e.starts_with("upstreams[0].http_version: unknown variant `3`"), "{e}");
+        let e = err(&with_version("2"));
+        assert!(
+            e.starts_with("upstreams[0].http_version: "),
+            "a number is not a version string: {e}"
+        );
+        let c = Config::parse(&with_version("\"auto\""), env).unwrap();
+        assert_eq!(c.upstreams[0].http_version, HttpVersion::Auto);
+        assert_eq!(
+            Config::parse(MINIMAL, env).unwrap().upstreams[0].http_version,
+            HttpVersion::Http1
+        );
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub struct Stats {
 /// The last request received, for header and body assertions.
 #[derive(Debug, Clone)]
 pub struct Captured {
+    pub version: http::Version,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -126,6 +127,37 @@ pub struct Sim {
     addr: SocketAddr,
     inner: Arc<Inner>,
     _stop: oneshot::Sender<()>,
+}
+
+/// HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on one port, until `stop`,
+/// then a graceful close of every connection. hyper-util's server directly
+/// rather than `axum::serve`, which cannot lift hyper's default limit of
+/// 200 concurrent HTTP/2 streams: the benchmark holds thousands of streams
+/// on one h2c connection, as a self-hosted inference server allows.
+async fn serve(listener: TcpListener, router: Router, stop: oneshot::Receiver<()>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    server.http2().max_concurrent_streams(None);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else {
+                    // Out of descriptors, say: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let connection = server.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone());
+                tokio::spawn(graceful.watch(connection.into_owned()));
+            }
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 impl Sim {
@@ -156,16 +188,7 @@ impl Sim {
             .route("/v1/models", get(models))
             .with_state(inner.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        tokio::spawn(serve(listener, router, stopped));
         Ok(Sim {
             addr,
             inner,
@@ -277,6 +300,7 @@ async fn prologue(inner: &Inner, req: Request) -> Result<(Faults, Value), Respon
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024).await.unwrap_or_default();
     *inner.last.lock().expect("sim lock") = Some(Captured {
+        version: parts.version,
         path: parts.uri.path().to_owned(),
         headers: parts.headers.clone(),
         body: body.clone(),

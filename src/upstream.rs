@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::UpstreamConfig;
+use crate::config::{HttpVersion, UpstreamConfig};
 use crate::error::{GatewayError, TimeoutKind};
 use crate::layers::circuit::Breaker;
 use crate::metrics::ErrorType;
@@ -221,25 +221,34 @@ pub fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     )
 }
 
-/// The client for one upstream: pooled keep-alive connections, HTTP/2
-/// where the upstream offers it (ALPN), and no redirects, ever (a redirect
-/// to another host would leak the key; this client does not follow them).
+/// The client for one upstream: pooled keep-alive connections in the
+/// configured HTTP version, and no redirects, ever (a redirect to another
+/// host would leak the key; this client does not follow them).
+///
+/// HTTP/2 is opt-in (`http_version`): hyper's pool puts every request to
+/// an upstream on one HTTP/2 connection and does not open a second one when
+/// the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` is reached
+/// (hyperium/hyper#3623), so with long LLM streams the request past the
+/// limit would wait for a stream to end. HTTP/1.1 has no such ceiling.
 pub fn http_client(config: &UpstreamConfig) -> Result<HttpClient, rustls::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config()?)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .https_or_http();
+    let https = match config.http_version {
+        HttpVersion::Http1 => tls.enable_http1().wrap_connector(http),
+        HttpVersion::Auto => tls.enable_http1().enable_http2().wrap_connector(http),
+        HttpVersion::Http2 => tls.enable_http2().wrap_connector(http),
+    };
     Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
+        .http2_only(config.http_version == HttpVersion::Http2)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_while_idle(true)
         .build(https))

@@ -452,6 +452,33 @@ async fn garbage_body_is_502() {
 }
 
 #[tokio::test]
+async fn http_version_is_per_upstream_and_http1_by_default() {
+    let sim = Sim::start("a", Faults::default()).await.unwrap();
+    let gw = Gateway::with_sim(&sim).await;
+    assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
+    assert_eq!(sim.last_request().unwrap().version, http::Version::HTTP_11);
+
+    // "2" over http:// is h2c with prior knowledge, for plain and streamed
+    // answers alike; many streams share the connection.
+    let config = config_for(&[("a", &sim)]).replace(
+        "request_timeout = \"10s\"",
+        "request_timeout = \"10s\"\nhttp_version = \"2\"",
+    );
+    let gw = Gateway::start(&config, &[]).await;
+    let resp = post_chat(&gw, &chat(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["usage"]["completion_tokens"], 5);
+    assert_eq!(sim.last_request().unwrap().version, http::Version::HTTP_2);
+    let sent = send_concurrently(&gw, 20, 20, &chat(true)).await;
+    for s in &sent {
+        assert_eq!(s.status, 200);
+        assert!(s.body.ends_with(b"data: [DONE]\n\n"));
+        assert_eq!(content_chunks(&s.body), 5);
+    }
+    assert_eq!(sim.last_request().unwrap().version, http::Version::HTTP_2);
+}
+
+#[tokio::test]
 async fn redirects_are_never_followed() {
     // Following one would send the request, with the upstream key, to
     // whatever host the Location names.
