@@ -64,6 +64,19 @@ impl SseReader {
     pub async fn next_batch(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
             match self.upstream.next().await {
+                Some(Ok(chunk)) if self.buf.is_empty() => {
+                    // The common case, a read that ends on an event
+                    // boundary: pass the chunk on without copying it.
+                    match last_event_end(&chunk, 0) {
+                        Some(end) if end == chunk.len() => return Ok(Some(chunk)),
+                        Some(end) => {
+                            self.buf.extend_from_slice(&chunk[end..]);
+                            return Ok(Some(chunk.slice(..end)));
+                        }
+                        None if chunk.len() > MAX_EVENT_BYTES => return Err(ReadError::EventTooLarge),
+                        None => self.buf.extend_from_slice(&chunk),
+                    }
+                }
                 Some(Ok(chunk)) => {
                     let scan_from = self.buf.len().saturating_sub(3);
                     self.buf.extend_from_slice(&chunk);
@@ -309,6 +322,21 @@ mod tests {
             &b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n"[..]
         );
         assert_eq!(r.next_batch().await.unwrap().unwrap(), &b"data: [DONE]\n\n"[..]);
+        assert_eq!(r.next_batch().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn whole_event_reads_pass_through_without_a_copy() {
+        static WHOLE: &[u8] = b"data: 1\n\ndata: 2\n\n";
+        static WITH_TAIL: &[u8] = b"data: 3\n\ndata: 4";
+        let mut r = reader(vec![Ok(WHOLE), Ok(WITH_TAIL), Ok(b"\n\n")]);
+        let batch = r.next_batch().await.unwrap().unwrap();
+        assert_eq!(batch, WHOLE);
+        assert_eq!(batch.as_ptr(), WHOLE.as_ptr(), "the chunk itself, not a copy");
+        let batch = r.next_batch().await.unwrap().unwrap();
+        assert_eq!(batch, &b"data: 3\n\n"[..]);
+        assert_eq!(batch.as_ptr(), WITH_TAIL.as_ptr());
+        assert_eq!(r.next_batch().await.unwrap().unwrap(), &b"data: 4\n\n"[..]);
         assert_eq!(r.next_batch().await.unwrap(), None);
     }
 
