@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::{FutureExt, StreamExt};
 use relaygate::config::BreakerConfig;
 use relaygate::layers::circuit::Breaker;
-use relaygate::metrics::{Metrics, Outcome};
+use relaygate::metrics::{ErrorType, Metrics, ModelMetrics, Outcome, UpstreamMetrics};
 use relaygate::ratelimit::{self, Limiter, RawRule};
 use relaygate::request::{self, Endpoint};
 use relaygate::streaming::{self, BodyError, SseReader};
@@ -210,8 +210,8 @@ fn metrics(c: &mut Criterion) {
     let m = Metrics::new();
     let model = "deepseek-chat";
     let upstream = "fast-a";
-    // What the end of one request records today (observe.rs): label lookups
-    // by value on every call.
+    // What the end of one request recorded before the handles were resolved
+    // once: label lookups by value on every call.
     g.bench_function("record_request/with_label_values", |b| {
         b.iter(|| {
             m.in_flight.inc();
@@ -236,22 +236,20 @@ fn metrics(c: &mut Criterion) {
             m.in_flight.dec();
         })
     });
-    // The same with the handles resolved once (what issue 7 asks for).
-    let requests = m.requests.with_label_values(&[model, "200", "success"]);
-    let duration = m.request_duration.with_label_values(&[model]);
-    let attempts = m.upstream_requests.with_label_values(&[upstream, "200", "none"]);
-    let attempt_duration = m.upstream_duration.with_label_values(&[upstream]);
-    let prompt = m.tokens.with_label_values(&[model, upstream, "prompt"]);
-    let completion = m.tokens.with_label_values(&[model, upstream, "completion"]);
+    // The same through the handles resolved at config load, as
+    // observe.rs and layers/mod.rs record now.
+    let model_metrics = ModelMetrics::new(&m, model, &[upstream], &[0]);
+    let upstream_metrics = UpstreamMetrics::new(&m, upstream);
+    let started = tokio::time::Instant::now();
     g.bench_function("record_request/resolved_handles", |b| {
         b.iter(|| {
             m.in_flight.inc();
-            requests.inc();
-            duration.observe(black_box(0.0042));
-            attempts.inc();
-            attempt_duration.observe(black_box(0.0041));
-            prompt.inc_by(black_box(1523));
-            completion.inc_by(black_box(412));
+            model_metrics.request(black_box(200), Outcome::Success).inc();
+            model_metrics.duration.observe(black_box(0.0042));
+            upstream_metrics.attempt(black_box(Some(200)), ErrorType::None, started);
+            let at = model_metrics.at(black_box(0)).expect("a target");
+            at.tokens[0].inc_by(black_box(1523));
+            at.tokens[1].inc_by(black_box(412));
             m.overhead.observe(black_box(0.00004));
             m.in_flight.dec();
         })

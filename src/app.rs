@@ -25,7 +25,7 @@ use crate::auth::ClientKeys;
 use crate::config::{Config, UpstreamConfig};
 use crate::layers::circuit::Breaker;
 use crate::ledger::Ledger;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelMetrics};
 use crate::observe::Sinks;
 use crate::otel::Exporter;
 use crate::ratelimit::Limiter;
@@ -40,8 +40,8 @@ pub struct Runtime {
     pub upstreams: Vec<Upstream>,
     /// Model name → index into `config.models`.
     pub models: HashMap<String, usize>,
-    /// Model names as shared label strings, same order as `config.models`.
-    pub model_labels: Vec<Arc<str>>,
+    /// Each model's metric handles, same order as `config.models`.
+    pub model_metrics: Vec<Arc<ModelMetrics>>,
     pub keys: ClientKeys,
     /// The `/v1/models` answer, built once.
     pub models_json: Bytes,
@@ -98,7 +98,7 @@ impl Runtime {
             .enumerate()
             .map(|(i, u)| {
                 let state = registry.state_for(u, metrics, config.health.window);
-                Upstream::new(u.clone(), i, state).map_err(|source| BuildError::Client {
+                Upstream::new(u.clone(), i, state, metrics).map_err(|source| BuildError::Client {
                     upstream: u.name.clone(),
                     source,
                 })
@@ -115,7 +115,15 @@ impl Runtime {
             .enumerate()
             .map(|(i, m)| (m.name.clone(), i))
             .collect();
-        let model_labels = config.models.iter().map(|m| Arc::from(m.name.as_str())).collect();
+        let upstream_names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let model_metrics = config
+            .models
+            .iter()
+            .map(|m| {
+                let targets: Vec<usize> = m.targets.iter().map(|t| t.upstream).collect();
+                Arc::new(ModelMetrics::new(metrics, &m.name, &upstream_names, &targets))
+            })
+            .collect();
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -132,7 +140,7 @@ impl Runtime {
             keys: ClientKeys::new(&config.keys),
             upstreams,
             models,
-            model_labels,
+            model_metrics,
             models_json,
             budgets,
             shadow_slots: crate::shadow::slots(&config.models),
@@ -275,6 +283,7 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
         .as_ref()
         .map(|o| Exporter::start(&o.endpoint, &o.service_name));
     let sinks = Arc::new(Sinks {
+        other_model: Arc::new(ModelMetrics::other(&metrics)),
         metrics: metrics.clone(),
         window: Window::new(config.health.window),
         ledger,

@@ -8,6 +8,10 @@
 //! Each `App` owns its own `Registry`, so several gateways in one test
 //! process do not share counters.
 
+use std::sync::{Arc, OnceLock};
+
+use tokio::time::Instant;
+
 use prometheus::{
     Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -18,6 +22,7 @@ pub const OTHER: &str = "other";
 
 /// How a request ended. A closed set: `relaygate_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Outcome {
     Success,
     ClientError,
@@ -30,6 +35,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const COUNT: usize = 8;
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -429,6 +436,158 @@ impl Metrics {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Handles resolved once. The request path records through these: an array
+// index and an atomic add, no label vector hashed per request. They are built
+// when the config loads (and again on reload, from the same registry, so the
+// series carry on). Cells keyed by a status code are filled on first use, so
+// that only the combinations that happen become series, as before.
+// ---------------------------------------------------------------------------
+
+/// `status_label`'s values, in slot order, and `none` (an attempt that got
+/// no status).
+const STATUS_LABELS: [&str; 20] = [
+    "200", "201", "204", "400", "401", "403", "404", "405", "408", "409", "413", "422", "429", "499", "500", "502",
+    "503", "504", OTHER, "none",
+];
+
+fn status_slot(status: Option<u16>) -> usize {
+    let label = status.map_or("none", status_label);
+    STATUS_LABELS.iter().position(|l| *l == label).unwrap_or(18)
+}
+
+/// Status codes as static label strings; anything unusual is `other`.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => OTHER,
+    }
+}
+
+/// A counter per (status, second label) of a family whose other labels are
+/// fixed, each resolved on first use.
+struct StatusCells<const N: usize> {
+    family: IntCounterVec,
+    fixed: Arc<str>,
+    cells: Box<[[OnceLock<IntCounter>; N]; STATUS_LABELS.len()]>,
+}
+
+impl<const N: usize> StatusCells<N> {
+    fn new(family: &IntCounterVec, fixed: &str) -> Self {
+        Self {
+            family: family.clone(),
+            fixed: Arc::from(fixed),
+            cells: Box::new(std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()))),
+        }
+    }
+
+    fn get(&self, status: Option<u16>, second: usize, second_label: &str) -> &IntCounter {
+        let slot = status_slot(status);
+        self.cells[slot][second].get_or_init(|| {
+            self.family
+                .with_label_values(&[&*self.fixed, STATUS_LABELS[slot], second_label])
+        })
+    }
+}
+
+/// One upstream's attempt metrics.
+pub struct UpstreamMetrics {
+    attempts: StatusCells<{ ErrorType::ALL.len() }>,
+    duration: Histogram,
+}
+
+impl UpstreamMetrics {
+    pub fn new(metrics: &Metrics, upstream: &str) -> Self {
+        Self {
+            attempts: StatusCells::new(&metrics.upstream_requests, upstream),
+            duration: metrics.upstream_duration.with_label_values(&[upstream]),
+        }
+    }
+
+    /// One attempt in `relaygate_upstream_requests_total` and
+    /// `relaygate_upstream_duration_seconds`.
+    pub fn attempt(&self, status: Option<u16>, error_type: ErrorType, started: Instant) {
+        self.attempts
+            .get(status, error_type as usize, error_type.as_str())
+            .inc();
+        self.duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// One model's request metrics, and those it shares with each upstream it
+/// routes to.
+pub struct ModelMetrics {
+    pub label: Arc<str>,
+    requests: StatusCells<{ Outcome::COUNT }>,
+    pub duration: Histogram,
+    /// By upstream index; `Some` for the model's targets.
+    upstreams: Vec<Option<ModelUpstreamMetrics>>,
+}
+
+pub struct ModelUpstreamMetrics {
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    /// In `TOKEN_TYPES` order.
+    pub tokens: [IntCounter; 4],
+    pub cost: Counter,
+}
+
+impl ModelMetrics {
+    /// `upstreams`: every configured upstream name, by index; `targets`: the
+    /// indexes this model routes to.
+    pub fn new(metrics: &Metrics, label: &str, upstreams: &[&str], targets: &[usize]) -> Self {
+        let by_upstream = upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, upstream)| {
+                targets.contains(&i).then(|| ModelUpstreamMetrics {
+                    ttft: metrics.ttft.with_label_values(&[label, upstream]),
+                    inter_token: metrics.inter_token.with_label_values(&[label, upstream]),
+                    tokens: TOKEN_TYPES.map(|kind| metrics.tokens.with_label_values(&[label, upstream, kind])),
+                    cost: metrics.cost.with_label_values(&[label, upstream]),
+                })
+            })
+            .collect();
+        Self {
+            label: Arc::from(label),
+            requests: StatusCells::new(&metrics.requests, label),
+            duration: metrics.request_duration.with_label_values(&[label]),
+            upstreams: by_upstream,
+        }
+    }
+
+    /// The model label `other`: a request that never matched a model.
+    pub fn other(metrics: &Metrics) -> Self {
+        Self::new(metrics, OTHER, &[], &[])
+    }
+
+    pub fn request(&self, status: u16, outcome: Outcome) -> &IntCounter {
+        self.requests.get(Some(status), outcome as usize, outcome.as_str())
+    }
+
+    /// The metrics of this model at `upstream` (an index), if it routes there.
+    pub fn at(&self, upstream: usize) -> Option<&ModelUpstreamMetrics> {
+        self.upstreams.get(upstream)?.as_ref()
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -463,5 +622,36 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn resolved_handles_record_under_the_right_labels() {
+        let m = Metrics::new();
+        let model = ModelMetrics::new(&m, "chat", &["a", "b", "c"], &[0, 2]);
+        model.request(503, Outcome::UpstreamError).inc();
+        model.request(503, Outcome::UpstreamError).inc();
+        model.request(418, Outcome::ClientError).inc();
+        model.at(2).expect("a target").tokens[3].inc_by(7);
+        assert!(model.at(1).is_none(), "b is not a target");
+        let upstream = UpstreamMetrics::new(&m, "a");
+        upstream.attempt(None, ErrorType::Cancelled, Instant::now());
+        upstream.attempt(Some(429), ErrorType::RateLimited, Instant::now());
+        let text = m.render();
+        for series in [
+            r#"relaygate_requests_total{model="chat",outcome="upstream_error",status="503"} 2"#,
+            r#"relaygate_requests_total{model="chat",outcome="client_error",status="other"} 1"#,
+            r#"relaygate_tokens_total{model="chat",type="reasoning",upstream="c"} 7"#,
+            r#"relaygate_upstream_requests_total{error_type="cancelled",status="none",upstream="a"} 1"#,
+            r#"relaygate_upstream_requests_total{error_type="rate_limited",status="429",upstream="a"} 1"#,
+        ] {
+            assert!(text.contains(series), "missing {series} in\n{text}");
+        }
+        // Only combinations that happened are series.
+        assert!(!text.contains(r#"status="200"}"#), "{text}");
+        // Every label status_label can give has its own slot.
+        for code in 100..600 {
+            assert_eq!(STATUS_LABELS[status_slot(Some(code))], status_label(code));
+        }
+        assert_eq!(STATUS_LABELS[status_slot(None)], "none");
     }
 }

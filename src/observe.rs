@@ -19,7 +19,7 @@ use crate::config::Price;
 use crate::error::GatewayError;
 use crate::layers::circuit::Breaker;
 use crate::ledger::{Ledger, LedgerLine};
-use crate::metrics::{ErrorType, Metrics, Outcome, OTHER, TOKEN_TYPES};
+use crate::metrics::{ErrorType, Metrics, ModelMetrics, ModelUpstreamMetrics, Outcome, UpstreamMetrics};
 use crate::otel::{AttemptSpan, Exporter, RequestSpan, TraceContext};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::Endpoint;
@@ -35,6 +35,9 @@ const CLIENT_CLOSED: u16 = 499;
 /// Where finished requests are recorded; one per app.
 pub struct Sinks {
     pub metrics: Arc<Metrics>,
+    /// The handles of the model label `other`, for requests that never
+    /// matched a configured model.
+    pub other_model: Arc<ModelMetrics>,
     /// All requests, for `/health`.
     pub window: Window,
     pub ledger: Option<Ledger>,
@@ -76,9 +79,11 @@ pub struct RequestRecord {
     text: Option<String>,
     request_id: Option<HeaderValue>,
     key: Arc<str>,
-    model: Arc<str>,
+    model: Arc<ModelMetrics>,
     price: Option<Price>,
     upstream: Option<Arc<str>>,
+    /// The upstream's attempt metrics and this model's metrics there.
+    upstream_metrics: Option<(Arc<UpstreamMetrics>, usize)>,
     attempts: u32,
     /// A committed stream: its upstream's breaker and when its attempt began.
     stream_attempt: Option<(Arc<Breaker>, Instant)>,
@@ -99,6 +104,7 @@ impl RequestRecord {
     pub fn new(sinks: Arc<Sinks>, endpoint: Endpoint, started: Instant, request_id: Option<HeaderValue>) -> Self {
         let metrics = sinks.metrics.clone();
         metrics.in_flight.inc();
+        let model = sinks.other_model.clone();
         Self {
             sinks,
             metrics,
@@ -114,9 +120,10 @@ impl RequestRecord {
             text: None,
             request_id,
             key: Arc::from("-"),
-            model: Arc::from(OTHER),
+            model,
             price: None,
             upstream: None,
+            upstream_metrics: None,
             attempts: 0,
             stream_attempt: None,
             upstream_wait: Duration::ZERO,
@@ -136,8 +143,8 @@ impl RequestRecord {
     }
 
     /// The configured model name: from here on it is a metric label.
-    pub fn set_model(&mut self, name: Arc<str>, price: Option<Price>, stream: bool) {
-        self.model = name;
+    pub fn set_model(&mut self, model: Arc<ModelMetrics>, price: Option<Price>, stream: bool) {
+        self.model = model;
         self.price = price;
         self.stream = stream;
     }
@@ -145,8 +152,15 @@ impl RequestRecord {
     /// The upstream that answered (or, for an error, the last one tried).
     pub fn set_upstream(&mut self, upstream: &Upstream, upstream_model: Option<&str>) {
         self.upstream = Some(upstream.name.clone());
+        self.upstream_metrics = Some((upstream.metrics.clone(), upstream.index));
         self.upstream_state = Some(upstream.state.clone());
         self.upstream_model = upstream_model.map(str::to_owned);
+    }
+
+    /// This model's metrics at the upstream that answered.
+    fn model_at_upstream(&self) -> Option<&ModelUpstreamMetrics> {
+        let (_, index) = self.upstream_metrics.as_ref()?;
+        self.model.at(*index)
     }
 
     /// Estimates the prompt tokens from the request body (bytes / 4 of its
@@ -244,23 +258,17 @@ impl RequestRecord {
         let now = Instant::now();
         self.ttft = Some(now - self.started);
         self.last_batch = Some(now);
-        if let Some(upstream) = &self.upstream {
-            self.metrics
-                .ttft
-                .with_label_values(&[&self.model, upstream])
-                .observe((now - self.started).as_secs_f64());
+        if let Some(at) = self.model_at_upstream() {
+            at.ttft.observe((now - self.started).as_secs_f64());
         }
     }
 
     /// Called for each batch of events forwarded to the client.
     pub fn on_stream_batch(&mut self, batch: &[u8]) {
         let now = Instant::now();
-        if let (Some(last), Some(upstream)) = (self.last_batch, &self.upstream) {
+        if let (Some(last), Some(at)) = (self.last_batch, self.model_at_upstream()) {
             if self.ttft.is_some() && now > last {
-                self.metrics
-                    .inter_token
-                    .with_label_values(&[&self.model, upstream])
-                    .observe((now - last).as_secs_f64());
+                at.inter_token.observe((now - last).as_secs_f64());
             }
         }
         self.last_batch = Some(now);
@@ -327,24 +335,19 @@ impl RequestRecord {
             }
         }
         let elapsed = self.started.elapsed();
-        let m = &self.metrics;
-        m.requests
-            .with_label_values(&[&self.model, status_label(status), outcome.as_str()])
-            .inc();
-        m.request_duration
-            .with_label_values(&[&self.model])
-            .observe(elapsed.as_secs_f64());
-        if let (Some(usage), Some(upstream)) = (self.usage, &self.upstream) {
+        self.model.request(status, outcome).inc();
+        self.model.duration.observe(elapsed.as_secs_f64());
+        if let (Some(usage), Some(at)) = (self.usage, self.model_at_upstream()) {
             let counts = [usage.prompt, usage.completion, usage.cached_prompt, usage.reasoning];
-            for (kind, n) in TOKEN_TYPES.iter().zip(counts) {
+            for (counter, n) in at.tokens.iter().zip(counts) {
                 if n > 0 {
-                    m.tokens.with_label_values(&[&*self.model, &**upstream, kind]).inc_by(n);
+                    counter.inc_by(n);
                 }
             }
             if let Some(price) = &self.price {
                 let cost = usage.cost(price);
                 if cost > 0.0 {
-                    m.cost_counter(&self.model, upstream).inc_by(cost);
+                    at.cost.inc_by(cost);
                 }
             }
         }
@@ -361,7 +364,7 @@ impl RequestRecord {
         crate::access_log::write(&AccessLine {
             request_id,
             key: &self.key,
-            model: &self.model,
+            model: &self.model.label,
             upstream: self.upstream.as_deref().unwrap_or("-"),
             status,
             outcome: outcome.as_str(),
@@ -401,7 +404,7 @@ impl RequestRecord {
             time: crate::ledger::format_time(SystemTime::now()),
             request_id: request_id.to_owned(),
             key: self.key.to_string(),
-            model: self.model.to_string(),
+            model: self.model.label.to_string(),
             upstream: self.upstream.as_deref().map(str::to_owned),
             upstream_model: self.upstream_model.clone(),
             status,
@@ -438,7 +441,7 @@ impl RequestRecord {
             context: trace.context,
             span_id: trace.span_id,
             operation: self.endpoint.operation(),
-            model: self.model.to_string(),
+            model: self.model.label.to_string(),
             start: trace.started,
             end: SystemTime::now(),
             status,
@@ -457,11 +460,12 @@ impl RequestRecord {
 impl RequestRecord {
     /// Records a committed stream's attempt; a break counts against the breaker.
     fn end_stream_attempt(&mut self, error_type: ErrorType) {
-        let (Some((breaker, started)), Some(upstream)) = (self.stream_attempt.take(), &self.upstream) else {
+        let (Some((breaker, started)), Some((upstream, _))) = (self.stream_attempt.take(), &self.upstream_metrics)
+        else {
             return;
         };
         let status = (error_type != ErrorType::Cancelled).then_some(200);
-        crate::layers::record_attempt(&self.metrics, upstream, status, error_type, started);
+        upstream.attempt(status, error_type, started);
         if !matches!(error_type, ErrorType::None | ErrorType::Cancelled) {
             breaker.on_failure(false, error_type);
         }
@@ -477,30 +481,5 @@ impl Drop for RequestRecord {
             self.write(CLIENT_CLOSED, Outcome::Cancelled, Some("client_disconnected"));
         }
         self.metrics.in_flight.dec();
-    }
-}
-
-/// Status codes as static label strings; anything unusual is `other`.
-pub fn status_label(status: u16) -> &'static str {
-    match status {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        422 => "422",
-        429 => "429",
-        499 => "499",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => OTHER,
     }
 }

@@ -163,7 +163,7 @@ async fn run(
         .get(&parsed.model)
         .ok_or_else(|| GatewayError::ModelNotFound(clip(&parsed.model)))?;
     let model = &runtime.config.models[model_index];
-    record.set_model(runtime.model_labels[model_index].clone(), model.price, parsed.stream);
+    record.set_model(runtime.model_metrics[model_index].clone(), model.price, parsed.stream);
 
     // Key, model and global rate limits, once per request (queue rules may
     // wait here, bounded; a client that leaves drops out of the queue).

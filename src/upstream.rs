@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::config::{HttpVersion, UpstreamConfig};
 use crate::error::{GatewayError, TimeoutKind};
 use crate::layers::circuit::Breaker;
-use crate::metrics::ErrorType;
+use crate::metrics::{ErrorType, Metrics, UpstreamMetrics};
 use crate::request::Endpoint;
 use crate::streaming::{BodyError, ReadError, SseReader};
 use crate::usage::{self, Usage};
@@ -42,6 +42,8 @@ pub struct Upstream {
     uris: [Uri; 3],
     /// The host of `base_url` (for traces and admin output; never the key).
     pub host: String,
+    /// Attempt metrics, resolved at config load.
+    pub metrics: Arc<UpstreamMetrics>,
     client: HttpClient,
     /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
     authorization: Option<HeaderValue>,
@@ -295,7 +297,12 @@ pub fn retry_after_hint(headers: &HeaderMap) -> Option<Duration> {
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig, index: usize, state: Arc<UpstreamState>) -> Result<Self, rustls::Error> {
+    pub fn new(
+        config: UpstreamConfig,
+        index: usize,
+        state: Arc<UpstreamState>,
+        metrics: &Metrics,
+    ) -> Result<Self, rustls::Error> {
         let uri = |e: Endpoint| {
             // base_url was validated as an http(s) URL when the config loaded.
             Uri::try_from(format!("{}{}", config.base_url, e.upstream_path())).expect("validated base_url")
@@ -309,6 +316,7 @@ impl Upstream {
             name: Arc::from(config.name.as_str()),
             index,
             host: uris[0].host().unwrap_or_default().to_owned(),
+            metrics: Arc::new(UpstreamMetrics::new(metrics, &config.name)),
             uris,
             client: http_client(&config)?,
             authorization: authorization_header(&config),

@@ -52,7 +52,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::app::Runtime;
 use crate::config::{ModelConfig, TargetConfig};
-use crate::metrics::{ErrorType, Metrics};
+use crate::metrics::{ErrorType, Metrics, UpstreamMetrics};
 use crate::otel::{AttemptSpan, TraceContext};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
@@ -87,7 +87,7 @@ impl CallContext {
     }
 
     pub fn model_label(&self) -> &str {
-        &self.runtime.model_labels[self.model]
+        &self.runtime.model_metrics[self.model].label
     }
 
     pub fn upstream_of(&self, target: usize) -> &Upstream {
@@ -331,8 +331,7 @@ impl Service<Call> for AttemptService {
                 deadline: ctx.deadline,
             };
             let mut guard = AttemptGuard {
-                metrics: &ctx.metrics,
-                upstream: &upstream.name,
+                metrics: &upstream.metrics,
                 started: Instant::now(),
                 done: false,
             };
@@ -400,8 +399,7 @@ fn attempt_span(
 /// `relaygate_upstream_duration_seconds`; if dropped first (the client left,
 /// or a hedge lost), as `cancelled`.
 struct AttemptGuard<'a> {
-    metrics: &'a Metrics,
-    upstream: &'a str,
+    metrics: &'a UpstreamMetrics,
     started: Instant,
     done: bool,
 }
@@ -409,28 +407,16 @@ struct AttemptGuard<'a> {
 impl AttemptGuard<'_> {
     fn finish(&mut self, status: Option<u16>, error_type: ErrorType) {
         self.done = true;
-        record_attempt(self.metrics, self.upstream, status, error_type, self.started);
+        self.metrics.attempt(status, error_type, self.started);
     }
 }
 
 impl Drop for AttemptGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            record_attempt(self.metrics, self.upstream, None, ErrorType::Cancelled, self.started);
+            self.metrics.attempt(None, ErrorType::Cancelled, self.started);
         }
     }
-}
-
-pub fn record_attempt(metrics: &Metrics, upstream: &str, status: Option<u16>, error_type: ErrorType, started: Instant) {
-    let status = status.map(crate::observe::status_label).unwrap_or("none");
-    metrics
-        .upstream_requests
-        .with_label_values(&[upstream, status, error_type.as_str()])
-        .inc();
-    metrics
-        .upstream_duration
-        .with_label_values(&[upstream])
-        .observe(started.elapsed().as_secs_f64());
 }
 
 /// The retry budget of one model: tower's, from `[retry]`.
