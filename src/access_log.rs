@@ -85,66 +85,90 @@ impl AccessLine<'_> {
 
     /// The shape of the fmt subscriber's JSON with `flatten_event(true)`.
     fn json(&self, buf: &mut String, now: SystemTime) {
-        let _ = write!(
-            buf,
-            r#"{{"timestamp":"{}","level":"INFO","message":"request","request_id":"#,
-            humantime::format_rfc3339_micros(now)
-        );
+        buf.push_str(r#"{"timestamp":""#);
+        push_timestamp(buf, now);
+        buf.push_str(r#"","level":"INFO","message":"request","request_id":"#);
         json_str(buf, self.request_id);
-        for (name, value) in [("key", self.key), ("model", self.model), ("upstream", self.upstream)] {
-            let _ = write!(buf, r#","{name}":"#);
+        for (name, value) in [
+            (r#","key":"#, self.key),
+            (r#","model":"#, self.model),
+            (r#","upstream":"#, self.upstream),
+        ] {
+            buf.push_str(name);
             json_str(buf, value);
         }
-        let _ = write!(buf, r#","status":{},"outcome":"#, self.status);
+        buf.push_str(r#","status":"#);
+        push_int(buf, self.status);
+        buf.push_str(r#","outcome":"#);
         json_str(buf, self.outcome);
         buf.push_str(r#","error":"#);
         json_str(buf, self.error);
-        let _ = write!(
-            buf,
-            r#","stream":{},"attempts":{},"latency_ms":"#,
-            self.stream, self.attempts
-        );
+        buf.push_str(if self.stream {
+            r#","stream":true"#
+        } else {
+            r#","stream":false"#
+        });
+        buf.push_str(r#","attempts":"#);
+        push_int(buf, self.attempts);
+        buf.push_str(r#","latency_ms":"#);
         push_millis(buf, self.latency);
         if let Some(ttft) = self.ttft {
             buf.push_str(r#","ttft_ms":"#);
             push_millis(buf, ttft);
         }
         if let Some((prompt, completion)) = self.tokens {
-            let _ = write!(buf, r#","prompt_tokens":{prompt},"completion_tokens":{completion}"#);
+            buf.push_str(r#","prompt_tokens":"#);
+            push_int(buf, prompt);
+            buf.push_str(r#","completion_tokens":"#);
+            push_int(buf, completion);
         }
-        let _ = writeln!(
-            buf,
-            r#","usage_estimated":{},"target":"relaygate::access"}}"#,
-            self.usage_estimated
-        );
+        buf.push_str(if self.usage_estimated {
+            r#","usage_estimated":true"#
+        } else {
+            r#","usage_estimated":false"#
+        });
+        buf.push_str(",\"target\":\"relaygate::access\"}\n");
     }
 
     /// The shape of the fmt subscriber's compact line: strings quoted as
     /// `Debug` quotes them, numbers and booleans bare.
     fn text(&self, buf: &mut String, now: SystemTime) {
-        let _ = write!(
-            buf,
-            "{}  INFO relaygate::access: request request_id=",
-            humantime::format_rfc3339_micros(now)
-        );
+        push_timestamp(buf, now);
+        buf.push_str("  INFO relaygate::access: request request_id=");
         debug_str(buf, self.request_id);
         // `key` and `model` were `Display` fields: bare.
-        let _ = write!(buf, " key={} model={} upstream=", self.key, self.model);
+        buf.push_str(" key=");
+        buf.push_str(self.key);
+        buf.push_str(" model=");
+        buf.push_str(self.model);
+        buf.push_str(" upstream=");
         debug_str(buf, self.upstream);
-        let _ = write!(buf, " status={} outcome=", self.status);
+        buf.push_str(" status=");
+        push_int(buf, self.status);
+        buf.push_str(" outcome=");
         debug_str(buf, self.outcome);
         buf.push_str(" error=");
         debug_str(buf, self.error);
-        let _ = write!(buf, " stream={} attempts={} latency_ms=", self.stream, self.attempts);
+        buf.push_str(if self.stream { " stream=true" } else { " stream=false" });
+        buf.push_str(" attempts=");
+        push_int(buf, self.attempts);
+        buf.push_str(" latency_ms=");
         push_millis(buf, self.latency);
         if let Some(ttft) = self.ttft {
             buf.push_str(" ttft_ms=");
             push_millis(buf, ttft);
         }
         if let Some((prompt, completion)) = self.tokens {
-            let _ = write!(buf, " prompt_tokens={prompt} completion_tokens={completion}");
+            buf.push_str(" prompt_tokens=");
+            push_int(buf, prompt);
+            buf.push_str(" completion_tokens=");
+            push_int(buf, completion);
         }
-        let _ = writeln!(buf, " usage_estimated={}", self.usage_estimated);
+        buf.push_str(if self.usage_estimated {
+            " usage_estimated=true\n"
+        } else {
+            " usage_estimated=false\n"
+        });
     }
 }
 
@@ -155,7 +179,45 @@ fn millis(d: Duration) -> f64 {
 /// Milliseconds with microsecond precision, from integers: `12.345`.
 fn push_millis(buf: &mut String, d: Duration) {
     let micros = d.as_micros();
-    let _ = write!(buf, "{}.{:03}", micros / 1000, micros % 1000);
+    push_int(buf, micros / 1000);
+    let frac = (micros % 1000) as u16;
+    buf.push('.');
+    for digit in [frac / 100, frac / 10 % 10, frac % 10] {
+        buf.push(char::from(b'0' + digit as u8));
+    }
+}
+
+fn push_int(buf: &mut String, n: impl itoa::Integer) {
+    buf.push_str(itoa::Buffer::new().format(n));
+}
+
+/// RFC 3339 UTC with microseconds, as the fmt subscriber writes it. The date
+/// and time to the second are formatted once per second per thread.
+fn push_timestamp(buf: &mut String, now: SystemTime) {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since_epoch = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != secs {
+            *cached = secs;
+            prefix.clear();
+            // "2026-11-28T21:12:10Z" without its "Z".
+            let whole =
+                humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)).to_string();
+            prefix.push_str(whole.trim_end_matches('Z'));
+        }
+        buf.push_str(prefix);
+    });
+    let mut digits = itoa::Buffer::new();
+    let micros = digits.format(since_epoch.subsec_micros());
+    buf.push('.');
+    for _ in micros.len()..6 {
+        buf.push('0');
+    }
+    buf.push_str(micros);
+    buf.push('Z');
 }
 
 /// Needs no escaping in JSON or in a `Debug` string.
@@ -228,6 +290,20 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&buf).unwrap();
         assert_eq!(v["request_id"], "a\"b\\c\nd\u{7f}é");
         assert_eq!(v["latency_ms"], 12.345);
+    }
+
+    #[test]
+    fn timestamps_are_zero_padded_and_follow_the_clock() {
+        let at = |micros: u64| {
+            let mut buf = String::new();
+            push_timestamp(&mut buf, SystemTime::UNIX_EPOCH + Duration::from_micros(micros));
+            buf
+        };
+        assert_eq!(at(1_700_000_000_000_042), "2023-11-14T22:13:20.000042Z");
+        assert_eq!(at(1_700_000_000_999_999), "2023-11-14T22:13:20.999999Z");
+        // The cached second moves on with the clock, and back.
+        assert_eq!(at(1_700_000_001_000_000), "2023-11-14T22:13:21.000000Z");
+        assert_eq!(at(1_600_000_000_500_000), "2020-09-13T12:26:40.500000Z");
     }
 
     #[test]

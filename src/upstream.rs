@@ -575,24 +575,40 @@ pub fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
 /// is kept as `x-upstream-request-id` because relaygate sets its own.
 /// Edits the upstream's map in place: rebuilding it showed in the profile.
 fn response_headers(mut headers: HeaderMap) -> HeaderMap {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
+    // Names as constants: `remove(&str)` would parse each one per response.
+    const DROPPED: [HeaderName; 13] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::CONTENT_LENGTH,
+        header::SET_COOKIE,
+        header::DATE,
+        header::SERVER,
+        HeaderName::from_static("alt-svc"),
+    ];
+    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
         if let Ok(listed) = connection.to_str() {
             for name in listed.split(',') {
                 headers.remove(name.trim());
             }
         }
     }
-    for name in HOP_BY_HOP
-        .iter()
-        .chain(&["content-length", "set-cookie", "date", "server", "alt-svc"])
-    {
-        headers.remove(*name);
+    for name in &DROPPED {
+        headers.remove(name);
     }
-    if let Some(id) = headers.remove("x-request-id") {
-        headers.insert(HeaderName::from_static("x-upstream-request-id"), id);
+    if let Some(id) = headers.remove(X_REQUEST_ID) {
+        headers.insert(X_UPSTREAM_REQUEST_ID, id);
     }
     headers
 }
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
 #[cfg(test)]
 mod tests {
