@@ -412,6 +412,9 @@ impl Upstream {
         }
 
         // A buffered body: bounded in size, and by idle gaps and the deadline.
+        // A body that arrives in one chunk (the usual case) is kept as that
+        // chunk; only a body in several is copied together.
+        let mut single: Option<Bytes> = None;
         let mut buf = BytesMut::new();
         loop {
             let idle_at = (Instant::now() + self.config.idle_timeout).min(attempt.deadline);
@@ -425,7 +428,8 @@ impl Upstream {
                     return Err(self.timeout(kind, Some(status.as_u16())));
                 }
                 Ok(Some(Ok(chunk))) => {
-                    if buf.len() + chunk.len() > max_response_bytes {
+                    let so_far = single.as_ref().map_or(buf.len(), Bytes::len);
+                    if so_far + chunk.len() > max_response_bytes {
                         return Err(self.fail(
                             GatewayError::UpstreamMalformed {
                                 upstream: self.name(),
@@ -435,7 +439,14 @@ impl Upstream {
                             Some(status.as_u16()),
                         ));
                     }
-                    buf.extend_from_slice(&chunk);
+                    if single.is_none() && buf.is_empty() {
+                        single = Some(chunk);
+                    } else {
+                        if let Some(first) = single.take() {
+                            buf.extend_from_slice(&first);
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
                 }
                 Ok(Some(Err(BodyError))) => {
                     return Err(self.fail(
@@ -447,7 +458,7 @@ impl Upstream {
                 Ok(None) => break,
             }
         }
-        let body = buf.freeze();
+        let body = single.unwrap_or_else(|| buf.freeze());
         let parsed = usage::from_json(&body);
 
         if status.is_success() {

@@ -479,6 +479,44 @@ async fn http_version_is_per_upstream_and_http1_by_default() {
 }
 
 #[tokio::test]
+async fn large_answers_arrive_whole_and_are_bounded() {
+    // ~140 KB of JSON: several reads on the upstream connection.
+    let sim = Sim::start(
+        "a",
+        Faults {
+            chunks: 20_000,
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::with_sim(&sim).await;
+    let resp = post_chat(&gw, &chat(false)).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().await.unwrap();
+    assert!(body.len() > 100_000, "{}", body.len());
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 20_000);
+    let direct: Value = client()
+        .post(format!("{}/chat/completions", sim.base_url()))
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"], direct["choices"], "the same text, whole");
+
+    let small = config_for(&[("a", &sim)]).replace(
+        "max_body_bytes = 65536",
+        "max_body_bytes = 65536\nmax_response_bytes = 50000",
+    );
+    let gw = Gateway::start(&small, &[]).await;
+    expect_error(post_chat(&gw, &chat(false)).await, 502, "upstream_malformed_response").await;
+}
+
+#[tokio::test]
 async fn redirects_are_never_followed() {
     // Following one would send the request, with the upstream key, to
     // whatever host the Location names.
