@@ -265,6 +265,11 @@ def cmd_report(args):
     row("  added TTFB p99 over direct, ms", added(t99), digits=3)
     for n in args.streams:
         row(f"RSS per open stream, {n:,} streams, KiB", per(f"streams{n}", "per_stream_kib"), target="≤ 20", digits=1)
+    for n in args.streams:
+        # relaygate with http_version = "2" to the upstream (h2c): every
+        # stream on one upstream connection. nginx cannot proxy to HTTP/2.
+        h2 = get(d, f"streams{n}-relaygate-h2", "per_stream_kib")
+        row(f"  same, {n:,} streams, HTTP/2 (h2c) upstream, KiB", {"relaygate": h2}, ratio=False, target="≤ 20", digits=1)
     row("idle RSS at start, MiB", per("idle", "kib", scale=1 / 1024), target="≤ 15", digits=1)
     row("RSS after the load runs, MiB", per("afterload", "kib", scale=1 / 1024), digits=1)
 
@@ -285,7 +290,11 @@ def cmd_report(args):
         if errs:
             notes.append(f"{t}: wrk saw {errs} errors or non-2xx answers")
         for n in args.streams:
-            s = load(d, f"streams{n}-{t}")
+            s = load(d, f"streams{n}-{t}") if t != "direct" else None
+            if t == "relaygate":
+                h2 = load(d, f"streams{n}-relaygate-h2")
+                if h2 and (h2.get("errors") or h2.get("late")):
+                    notes.append(f"relaygate-h2: {n:,} streams: {h2['opened']} opened, {h2['errors']} errors")
             if s and (s.get("errors") or s.get("late")):
                 notes.append(
                     f"{t}: {n:,} streams: {s['opened']} opened, {s['errors']} errors, {s['late']} late"

@@ -222,6 +222,17 @@ price = { input_per_mtok = 0.28, output_per_mtok = 0.42, cached_input_per_mtok =
 name = "deepseek-slow"
 targets = [{ upstream = "slow-a", priority = 0 }, { upstream = "slow-b", priority = 1 }]
 
+# The same slow upstream over HTTP/2 (h2c): streams share one connection.
+[[upstreams]]
+name = "slow-h2"
+base_url = "http://$SLOW_ADDR/v1"
+http_version = "2"
+$timeouts
+
+[[models]]
+name = "deepseek-slow-h2"
+targets = [{ upstream = "slow-h2" }]
+
 [[rate_limits]]
 scope = "key"
 requests_per_minute = 100000000
@@ -319,6 +330,9 @@ for n in "${STREAMS[@]}"; do
   stop "$NGINX_PID"
   start_relaygate
   hold_streams "$n" relaygate "http://$RELAYGATE_ADDR/v1/chat/completions" deepseek-slow "$RELAYGATE_PID"
+  stop "$RELAYGATE_PID"
+  start_relaygate
+  hold_streams "$n" relaygate-h2 "http://$RELAYGATE_ADDR/v1/chat/completions" deepseek-slow-h2 "$RELAYGATE_PID"
   stop "$RELAYGATE_PID"
 done
 
