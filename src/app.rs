@@ -6,7 +6,7 @@
 //! never changes a request half-way, and loading it takes no lock.
 
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -394,31 +393,24 @@ impl App {
         let state = self.state.clone();
         let signalled = Arc::new(Notify::new());
         let notify = signalled.clone();
-        let listener = listener.tap_io(|tcp| {
-            // Small SSE events must not wait for Nagle's algorithm.
-            let _ = tcp.set_nodelay(true);
-        });
-        // into_make_service: one router shared by every connection (serving
-        // the Router directly clones it per connection, ~9 KiB each).
-        let server = axum::serve(listener, self.router.into_make_service()).with_graceful_shutdown(async move {
+        let server = crate::server::serve(listener, self.router, crate::server::http1(), async move {
             shutdown.await;
             state.set_draining();
             tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
             notify.notify_one();
         });
-        let result = tokio::select! {
-            result = server.into_future() => result,
+        tokio::select! {
+            () = server => {}
             _ = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(
                     in_flight = self.state.metrics().in_flight.get(),
                     "shutdown_grace expired: closing the remaining requests"
                 );
-                Ok(())
             }
-        };
+        }
         anchor.abort();
         self.state.flush().await;
-        result
+        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod request;
 pub mod routes;
+pub mod server;
 pub mod shadow;
 pub mod sim;
 pub mod streaming;

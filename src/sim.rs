@@ -129,37 +129,6 @@ pub struct Sim {
     _stop: oneshot::Sender<()>,
 }
 
-/// HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on one port, until `stop`,
-/// then a graceful close of every connection. hyper-util's server directly
-/// rather than `axum::serve`, which cannot lift hyper's default limit of
-/// 200 concurrent HTTP/2 streams: the benchmark holds thousands of streams
-/// on one h2c connection, as a self-hosted inference server allows.
-async fn serve(listener: TcpListener, router: Router, stop: oneshot::Receiver<()>) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    server.http2().max_concurrent_streams(None);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let service = hyper_util::service::TowerToHyperService::new(router);
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else {
-                    // Out of descriptors, say: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let connection = server.serve_connection_with_upgrades(TokioIo::new(tcp), service.clone());
-                tokio::spawn(graceful.watch(connection.into_owned()));
-            }
-        }
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
 impl Sim {
     pub async fn start(name: &str, faults: Faults) -> io::Result<Sim> {
         Self::start_on("127.0.0.1:0".parse().expect("valid address"), name, faults).await
@@ -188,7 +157,14 @@ impl Sim {
             .route("/v1/models", get(models))
             .with_state(inner.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(serve(listener, router, stopped));
+        tokio::spawn(crate::server::serve(
+            listener,
+            router,
+            crate::server::http1_and_h2c(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(Sim {
             addr,
             inner,

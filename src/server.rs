@@ -1,0 +1,70 @@
+//! The accept loop: HTTP connections on a TCP listener until shutdown, then a
+//! graceful close of every connection (a response in progress finishes).
+//! Shared by the gateway (`App::serve`: HTTP/1.1) and the simulator
+//! (`sim`: HTTP/1.1 and h2c).
+//!
+//! Written on hyper-util's connection builder rather than `axum::serve`,
+//! which cannot do either of two things relaygate needs:
+//! - serve HTTP/1.1 without sniffing for the HTTP/2 preface. The sniff reads
+//!   the first 24 bytes apart; hyper's read buffer then grows from 8 to
+//!   16 KiB to take the rest of the request head and keeps that size for the
+//!   life of the connection: 8 KiB more per open stream, for a protocol the
+//!   OpenAI SDKs do not use in cleartext;
+//! - lift hyper's limit of 200 concurrent HTTP/2 streams per connection (the
+//!   simulator stands in for an inference server holding thousands).
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// Serves `router` until `shutdown` completes, then stops accepting and
+/// returns once every connection has closed gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    builder: Builder<TokioExecutor>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let service = TowerToHyperService::new(router);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    // Small SSE events must not wait for Nagle's algorithm.
+                    let _ = tcp.set_nodelay(true);
+                    let connection = builder.serve_connection(TokioIo::new(tcp), service.clone());
+                    tokio::spawn(graceful.watch(connection.into_owned()));
+                }
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of spinning.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// HTTP/1.1 only: what the gateway serves.
+pub fn http1() -> Builder<TokioExecutor> {
+    Builder::new(TokioExecutor::new()).http1_only()
+}
+
+/// HTTP/1.1 and HTTP/2 with prior knowledge (h2c), without a limit on
+/// concurrent streams: what the simulator serves.
+pub fn http1_and_h2c() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(None);
+    builder
+}
