@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use axum::Router;
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -255,10 +254,11 @@ impl AppState {
     }
 }
 
-/// A built gateway: its router and state, ready to serve.
+/// A built gateway: its service (router and server layers) and state,
+/// ready to serve.
 pub struct App {
     state: AppState,
-    router: Router,
+    service: crate::routes::Service,
 }
 
 /// Builds the gateway for a validated config. Tests call this directly.
@@ -310,8 +310,8 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
             limiter,
         }),
     };
-    let router = crate::routes::router(state.clone());
-    Ok(App { state, router })
+    let service = crate::routes::service(state.clone());
+    Ok(App { state, service })
 }
 
 /// Creates zero-valued series for what the config makes possible, so that
@@ -375,8 +375,8 @@ impl App {
         self
     }
 
-    pub fn router(&self) -> Router {
-        self.router.clone()
+    pub fn service(&self) -> crate::routes::Service {
+        self.service.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains: no new connections,
@@ -393,7 +393,7 @@ impl App {
         let state = self.state.clone();
         let signalled = Arc::new(Notify::new());
         let notify = signalled.clone();
-        let server = crate::server::serve(listener, self.router, crate::server::http1(), async move {
+        let server = crate::server::serve(listener, self.service, crate::server::http1(), async move {
             shutdown.await;
             state.set_draining();
             tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");

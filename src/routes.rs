@@ -5,6 +5,10 @@
 //! 2. `PropagateRequestId`: returns it on every response;
 //! 3. the router: `/v1/*` (proxied), `/health*`, `/metrics`, and a fallback
 //!    that answers unknown paths with OpenAI-shaped 404s.
+//!
+//! The layers wrap the router from outside (`service`), not through
+//! `Router::layer`, which wraps every route in its own boxed service: one
+//! more allocation and routing level per request.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, Uri};
@@ -12,8 +16,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http::HeaderName;
+use tower::util::MapRequest;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestId, PropagateRequestIdLayer, RequestId, SetRequestId, SetRequestIdLayer,
+};
 
 use crate::app::AppState;
 use crate::error::GatewayError;
@@ -22,6 +29,18 @@ use crate::proxy;
 use crate::request::Endpoint;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The router wrapped in the server layers: what `server::serve` serves.
+pub type Service = MapRequest<SetRequestId<PropagateRequestId<Router>, MakeId>, fn(Req) -> Req>;
+type Req = http::Request<hyper::body::Incoming>;
+
+pub fn service(state: AppState) -> Service {
+    ServiceBuilder::new()
+        .map_request(drop_unsafe_request_id as fn(Req) -> Req)
+        .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeId))
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
+        .service(router(state))
+}
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -37,12 +56,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(state)
-        .layer(
-            ServiceBuilder::new()
-                .map_request(drop_unsafe_request_id)
-                .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeId))
-                .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone())),
-        )
 }
 
 async fn chat_completions(State(state): State<AppState>, req: Request) -> Response {
@@ -93,7 +106,7 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 /// A client-sent `x-request-id` is kept only when it is a short token of
 /// `[A-Za-z0-9._:-]`, so clients cannot feed arbitrary data into logs and
 /// upstream headers; otherwise a fresh id replaces it.
-fn drop_unsafe_request_id(mut req: Request) -> Request {
+fn drop_unsafe_request_id<B>(mut req: http::Request<B>) -> http::Request<B> {
     let unsafe_id = req.headers().get(&X_REQUEST_ID).is_some_and(|v| {
         let b = v.as_bytes();
         b.is_empty()
@@ -112,7 +125,7 @@ fn drop_unsafe_request_id(mut req: Request) -> Request {
 /// without a UUID dependency. Hex-encoded by hand: this runs per request and
 /// `format!` showed in the profile.
 #[derive(Clone, Copy)]
-struct MakeId;
+pub struct MakeId;
 
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {

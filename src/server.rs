@@ -16,23 +16,32 @@
 use std::future::Future;
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-/// Serves `router` until `shutdown` completes, then stops accepting and
-/// returns once every connection has closed gracefully.
-pub async fn serve(
+/// Serves `service` (a router, or a router inside server layers) until
+/// `shutdown` completes, then stops accepting and returns once every
+/// connection has closed gracefully.
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     builder: Builder<TokioExecutor>,
     shutdown: impl Future<Output = ()>,
-) {
+) where
+    S: tower::Service<http::Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
-    let service = TowerToHyperService::new(router);
+    let service = TowerToHyperService::new(service);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
