@@ -2,8 +2,10 @@
 //! one slot per 20 s, covering `health.window` (5 minutes by default).
 //!
 //! Recording costs O(1): find the current slot (resetting it if it is
-//! stale) and record into two histograms. Memory is bounded by the ring: a
-//! slot's histograms are allocated on its first use and reused afterwards.
+//! stale) and record into two histograms. Memory is fixed by the ring: every
+//! slot's histograms are allocated with the window, so a process's memory is
+//! flat from its start instead of creeping up for the first five minutes
+//! (which a soak test cannot tell from a leak).
 //! Reading merges the live slots and asks HdrHistogram for quantiles, which
 //! it computes from bucket counts: no list of requests, no sort, and the
 //! nearest-rank definition (no off-by-one p95).
@@ -20,8 +22,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// 20 s slots: a slot's two histograms take ~26 KiB, so a 5-minute window
-/// is 15 slots (~0.4 MiB per window once warm); 10 s slots doubled that
-/// for a finer edge nobody reads on a 5-minute window.
+/// is 15 slots (~0.4 MiB per window); 10 s slots doubled that for a finer
+/// edge nobody reads on a 5-minute window.
 const SLOT: Duration = Duration::from_secs(20);
 /// Latencies are recorded in microseconds, up to an hour, with 2 significant
 /// digits (1% resolution).
@@ -32,7 +34,6 @@ pub struct Window {
     slots: Mutex<Vec<Slot>>,
 }
 
-#[derive(Default)]
 struct Slot {
     /// Which 10 s period this slot holds (`1 +` periods since `base`; 0 = unused).
     period: u64,
@@ -40,8 +41,8 @@ struct Slot {
     /// Requests whose outcome counts toward availability (see `Outcome`).
     eligible: u64,
     ok: u64,
-    latency: Option<Histogram<u32>>,
-    ttft: Option<Histogram<u32>>,
+    latency: Histogram<u32>,
+    ttft: Histogram<u32>,
 }
 
 /// One request, as the window sees it.
@@ -77,6 +78,16 @@ fn histogram() -> Histogram<u32> {
     Histogram::new_with_bounds(1, MAX_MICROS, 2).expect("valid histogram bounds")
 }
 
+/// A slot's histogram, with its pages touched now: the allocator hands out
+/// zeroed pages that only count as resident once written, and `reset`
+/// writes them all, so an untouched histogram would grow RSS on its first
+/// reset, five minutes in.
+fn resident_histogram() -> Histogram<u32> {
+    let mut h = histogram();
+    h.reset();
+    h
+}
+
 fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, MAX_MICROS)
 }
@@ -86,7 +97,18 @@ impl Window {
         let n = (window.as_secs().div_ceil(SLOT.as_secs())).max(1) as usize;
         Self {
             base: Instant::now(),
-            slots: Mutex::new((0..n).map(|_| Slot::default()).collect()),
+            slots: Mutex::new(
+                (0..n)
+                    .map(|_| Slot {
+                        period: 0,
+                        total: 0,
+                        eligible: 0,
+                        ok: 0,
+                        latency: resident_histogram(),
+                        ttft: resident_histogram(),
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -104,24 +126,17 @@ impl Window {
             slot.total = 0;
             slot.eligible = 0;
             slot.ok = 0;
-            if let Some(h) = slot.latency.as_mut() {
-                h.reset();
-            }
-            if let Some(h) = slot.ttft.as_mut() {
-                h.reset();
-            }
+            slot.latency.reset();
+            slot.ttft.reset();
         }
         slot.total += 1;
         if sample.eligible {
             slot.eligible += 1;
             slot.ok += u64::from(sample.ok);
         }
-        let _ = slot
-            .latency
-            .get_or_insert_with(histogram)
-            .record(micros(sample.latency));
+        let _ = slot.latency.record(micros(sample.latency));
         if let Some(ttft) = sample.ttft {
-            let _ = slot.ttft.get_or_insert_with(histogram).record(micros(ttft));
+            let _ = slot.ttft.record(micros(ttft));
         }
     }
 
@@ -136,12 +151,8 @@ impl Window {
             total += slot.total;
             eligible += slot.eligible;
             ok += slot.ok;
-            if let Some(h) = &slot.latency {
-                let _ = latency.add(h);
-            }
-            if let Some(h) = &slot.ttft {
-                let _ = ttft.add(h);
-            }
+            let _ = latency.add(&slot.latency);
+            let _ = ttft.add(&slot.ttft);
         }
         let ms = |h: &Histogram<u32>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let quantiles = |h: &Histogram<u32>, avg: bool| {
