@@ -220,29 +220,26 @@ fn push_timestamp(buf: &mut String, now: SystemTime) {
     buf.push('Z');
 }
 
-/// Needs no escaping in JSON or in a `Debug` string.
-fn plain(s: &str) -> bool {
-    s.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+/// `s` in double quotes: as is when it needs no escaping (always, for the
+/// names and codes relaygate writes), else through `escape`.
+fn quoted(buf: &mut String, s: &str, escape: impl FnOnce(&mut String, &str)) {
+    if s.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
+        buf.push('"');
+        buf.push_str(s);
+        buf.push('"');
+    } else {
+        escape(buf, s);
+    }
 }
 
 fn json_str(buf: &mut String, s: &str) {
-    if plain(s) {
-        buf.push('"');
-        buf.push_str(s);
-        buf.push('"');
-    } else {
-        buf.push_str(&serde_json::Value::from(s).to_string());
-    }
+    quoted(buf, s, |buf, s| buf.push_str(&serde_json::Value::from(s).to_string()));
 }
 
 fn debug_str(buf: &mut String, s: &str) {
-    if plain(s) {
-        buf.push('"');
-        buf.push_str(s);
-        buf.push('"');
-    } else {
+    quoted(buf, s, |buf, s| {
         let _ = write!(buf, "{s:?}");
-    }
+    });
 }
 
 #[cfg(test)]
