@@ -245,8 +245,20 @@ start_relaygate() { # -> RELAYGATE_ADDR, RELAYGATE_PID
   RELAYGATE_PID=$!
   PIDS+=("$RELAYGATE_PID")
   RELAYGATE_ADDR="$(wait_for "$TMP/relaygate.out" 'listening on http://[0-9.:]+')"
-  curl -fsS -o /dev/null -X POST -H "Authorization: Bearer $BENCH_KEY" -H 'Content-Type: application/json' \
-    -d "$BODY" "http://$RELAYGATE_ADDR/v1/chat/completions"
+  # One request through it before measuring. Retried like nginx's: once, right
+  # after 9,000 streams had been closed, the first connect was refused.
+  local deadline=$((SECONDS + 15))
+  until curl -fsS -o /dev/null -X POST -H "Authorization: Bearer $BENCH_KEY" -H 'Content-Type: application/json' \
+    -d "$BODY" "http://$RELAYGATE_ADDR/v1/chat/completions" 2>>"$TMP/curl.err"; do
+    [ "$SECONDS" -lt "$deadline" ] || {
+      echo "bench: relaygate did not answer" >&2
+      cat "$TMP/curl.err" >&2
+      tail -20 "$TMP/relaygate.log" >&2
+      exit 1
+    }
+    echo "bench: relaygate refused a first request; retrying (see curl.err)" >&2
+    sleep 0.05
+  done
 }
 
 # --- measurements ---------------------------------------------------------------------
@@ -281,15 +293,19 @@ print(json.dumps({
 }))'
 }
 
-measure() { # NAME URL: fixed-rate latency, saturation, streaming TTFB
-  local name="$1" url="$2"
+measure() { # NAME URL [PIDS]: fixed-rate latency, saturation (and the PIDS' CPU time), streaming TTFB
+  local name="$1" url="$2" pids="${3:-}" cpu_before=0 cpu_after=0
   echo "bench: $name: warm-up, oha at $RATE req/s for $RATE_FOR, wrk for $SAT_FOR, TTFB x$TTFB_SAMPLES" >&2
   load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/post.lua" "$url" >/dev/null
   load oha --no-tui --output-format json -z "$RATE_FOR" -q "$RATE" --latency-correction -c "$OHA_CONNS" \
     -m POST -H "Authorization: Bearer $BENCH_KEY" -H 'Content-Type: application/json' -d "$BODY" "$url" \
     | oha_json_to_result >"$RESULTS/oha-$name.json"
+  [ -n "$pids" ] && cpu_before="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
   load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$TMP/post.lua" "$url" \
-    | sed -n 's/^WRKJSON //p' >"$RESULTS/wrk-$name.json"
+    | sed -n 's/^WRKJSON //p' >"$RESULTS/wrk-$name.raw"
+  [ -n "$pids" ] && cpu_after="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
+  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["proxy_cpu_s"] = float(sys.argv[3]) - float(sys.argv[2]); print(json.dumps(d))' \
+    "$RESULTS/wrk-$name.raw" "$cpu_before" "$cpu_after" >"$RESULTS/wrk-$name.json"
   load python3 "$BENCH/bench.py" ttfb --url "$url" --samples "$TTFB_SAMPLES" >"$RESULTS/ttfb-$name.json"
 }
 
@@ -312,13 +328,13 @@ measure direct "http://$FAST_ADDR/v1/chat/completions"
 
 start_nginx
 rss_json ${NGINX_PIDS//,/ } >"$RESULTS/idle-nginx.json"
-measure nginx "http://$NGINX_ADDR/v1/chat/completions"
+measure nginx "http://$NGINX_ADDR/v1/chat/completions" "$NGINX_PIDS"
 rss_json ${NGINX_PIDS//,/ } >"$RESULTS/afterload-nginx.json"
 stop "$NGINX_PID"
 
 start_relaygate
 rss_json "$RELAYGATE_PID" >"$RESULTS/idle-relaygate.json"
-measure relaygate "http://$RELAYGATE_ADDR/v1/chat/completions"
+measure relaygate "http://$RELAYGATE_ADDR/v1/chat/completions" "$RELAYGATE_PID"
 rss_json "$RELAYGATE_PID" >"$RESULTS/afterload-relaygate.json"
 stop "$RELAYGATE_PID"
 
