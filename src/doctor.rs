@@ -11,13 +11,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
-
-use crate::config::{Config, UpstreamConfig};
 use bytes::Bytes;
 use http::{header, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use tokio::net::TcpStream;
 
+use crate::config::{Config, UpstreamConfig};
 use crate::upstream::{authorization_header, http_client, tls_config, USER_AGENT};
 
 #[derive(Debug, Clone)]
