@@ -3,6 +3,7 @@
 
   free-ports N                       print N free loopback TCP ports
   rss PID...                         print the summed VmRSS of PIDs, in KiB
+  cpu PID...                         print the summed CPU time (user + system) of PIDs, in s
   ttfb --url U --samples N [...]     time to first SSE event, sequential, keep-alive
   streams --url U --n N --pids P,... hold N slow streams, report RSS growth per stream
   report DIR                         print the results table from DIR/*.json
@@ -74,6 +75,26 @@ def cmd_free_ports(args):
 
 def cmd_rss(args):
     print(rss_kib(args.pids))
+
+
+def cpu_seconds(pids):
+    """User + system time of PIDs (all their threads), from /proc/PID/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # Fields after the ")" that ends the command name: utime and
+                # stime are fields 14 and 15 of the whole line.
+                fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            pass
+    return total / ticks
+
+
+def cmd_cpu(args):
+    print(cpu_seconds(args.pids))
 
 
 def cmd_ttfb(args):
@@ -251,6 +272,18 @@ def cmd_report(args):
         return {t: (None if base is None or values[t] is None else values[t] - base) for t in targets if t != "direct"}
 
     row("max req/s, non-streaming (wrk)", per("wrk", "rps"), target="≥ 0.8 × nginx", digits=0)
+    # The proxy's own CPU time during the saturation run, per request: what
+    # it costs whatever the load side could deliver.
+    cpu = {}
+    for t in ("nginx", "relaygate"):
+        secs, reqs = get(d, f"wrk-{t}", "proxy_cpu_s"), get(d, f"wrk-{t}", "requests")
+        cpu[t] = secs / reqs * 1e6 if secs and reqs else None
+    row("  proxy CPU per request at saturation, µs", cpu, digits=1)
+    row(
+        "  requests per proxy CPU-second (1 / that)",
+        {t: (1e6 / v if v else None) for t, v in cpu.items()},
+        digits=0,
+    )
     p50 = per("oha", "p50_ms")
     p99 = per("oha", "p99_ms")
     row("p50 at 1,000 req/s, ms (oha)", p50, digits=3)
@@ -313,6 +346,9 @@ def main():
     s = sub.add_parser("rss")
     s.add_argument("pids", nargs="+")
     s.set_defaults(func=cmd_rss)
+    s = sub.add_parser("cpu")
+    s.add_argument("pids", nargs="+")
+    s.set_defaults(func=cmd_cpu)
     s = sub.add_parser("ttfb")
     s.add_argument("--url", required=True)
     s.add_argument("--model", default="deepseek-chat")
