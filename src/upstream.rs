@@ -534,19 +534,19 @@ impl Upstream {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn is_hop_by_hop(name: &HeaderName, connection: Option<&HeaderValue>) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    HOP_BY_HOP.contains(name)
         || connection
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(name.as_str())))
@@ -587,15 +587,7 @@ pub fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
 /// Edits the upstream's map in place: rebuilding it showed in the profile.
 fn response_headers(mut headers: HeaderMap) -> HeaderMap {
     // Names as constants: `remove(&str)` would parse each one per response.
-    const DROPPED: [HeaderName; 13] = [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
+    const ALSO_DROPPED: [HeaderName; 5] = [
         header::CONTENT_LENGTH,
         header::SET_COOKIE,
         header::DATE,
@@ -609,7 +601,7 @@ fn response_headers(mut headers: HeaderMap) -> HeaderMap {
             }
         }
     }
-    for name in &DROPPED {
+    for name in HOP_BY_HOP.iter().chain(&ALSO_DROPPED) {
         headers.remove(name);
     }
     if let Some(id) = headers.remove(X_REQUEST_ID) {
