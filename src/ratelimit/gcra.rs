@@ -158,28 +158,44 @@ pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
 /// `"1.5s"`, `"6m0s"`, `"1h2m3s"`. Rounded up, so a client that waits this
 /// long finds the capacity.
 pub(crate) fn go_duration(d: Duration) -> String {
+    // Runs on every admitted request (the reset header): numbers through
+    // itoa into one small string, no `format!`.
     let ms = d.as_nanos().div_ceil(1_000_000);
-    if ms == 0 {
-        return "0s".into();
-    }
+    let mut out = String::with_capacity(16);
+    let mut push = |n: u128, unit: &str| {
+        out.push_str(itoa::Buffer::new().format(n));
+        out.push_str(unit);
+    };
     if ms < 1000 {
-        return format!("{ms}ms");
+        push(ms, if ms == 0 { "s" } else { "ms" });
+        return out;
     }
     let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, frac) = (rest / 1000, rest % 1000);
-    let mut out = String::new();
     if h > 0 {
-        out.push_str(&format!("{h}h"));
+        push(h, "h");
     }
     if h > 0 || m > 0 {
-        out.push_str(&format!("{m}m"));
+        push(m, "m");
     }
     if frac == 0 {
-        out.push_str(&format!("{s}s"));
+        push(s, "s");
     } else {
-        let frac = format!("{frac:03}");
-        out.push_str(&format!("{s}.{}s", frac.trim_end_matches('0')));
+        push(s, ".");
+        // Milliseconds as three digits, trailing zeros dropped: 1.02s, 1.5s.
+        let digits = [frac / 100, frac / 10 % 10, frac % 10];
+        let keep = if digits[2] != 0 {
+            3
+        } else if digits[1] != 0 {
+            2
+        } else {
+            1
+        };
+        for d in &digits[..keep] {
+            out.push(char::from(b'0' + *d as u8));
+        }
+        out.push('s');
     }
     out
 }
@@ -197,6 +213,9 @@ mod tests {
         assert_eq!(go_duration(ms(1000)), "1s");
         assert_eq!(go_duration(ms(1500)), "1.5s");
         assert_eq!(go_duration(ms(1_020)), "1.02s");
+        assert_eq!(go_duration(ms(1_007)), "1.007s");
+        assert_eq!(go_duration(ms(999)), "999ms");
+        assert_eq!(go_duration(ms(61_250)), "1m1.25s");
         assert_eq!(go_duration(ms(360_000)), "6m0s");
         assert_eq!(go_duration(ms(3_723_000)), "1h2m3s");
         assert_eq!(go_duration(ms(3_600_000)), "1h0m0s");
