@@ -47,6 +47,10 @@ pub struct Upstream {
     client: HttpClient,
     /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
     authorization: Option<HeaderValue>,
+    /// `Host` for HTTP/1.1, made once: hyper-util otherwise formats
+    /// `host:port` for every request (2.4 % of the instructions per request).
+    /// `None` when HTTP/2 may be negotiated, which sends `:authority` instead.
+    host_header: Option<HeaderValue>,
 }
 
 /// What relaygate knows about an upstream's health, kept across reloads.
@@ -259,6 +263,22 @@ pub fn http_client(config: &UpstreamConfig) -> Result<HttpClient, rustls::Error>
 pub const USER_AGENT: HeaderValue = HeaderValue::from_static(concat!("relaygate/", env!("CARGO_PKG_VERSION")));
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// `Host` as hyper-util would write it: the host, and the port when it is
+/// not the scheme's default.
+fn host_header(uri: &Uri) -> HeaderValue {
+    let host = uri.host().expect("validated base_url has a host");
+    let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let value = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::try_from(value).expect("a URI's host is a valid header value")
+}
+
 /// `Authorization: Bearer <api_key>`, marked sensitive.
 pub fn authorization_header(config: &UpstreamConfig) -> Option<HeaderValue> {
     let key = config.api_key.as_ref()?;
@@ -316,6 +336,7 @@ impl Upstream {
             name: Arc::from(config.name.as_str()),
             index,
             host: uris[0].host().unwrap_or_default().to_owned(),
+            host_header: (config.http_version == HttpVersion::Http1).then(|| host_header(&uris[0])),
             metrics: Arc::new(UpstreamMetrics::new(metrics, &config.name)),
             uris,
             client: http_client(&config)?,
@@ -355,6 +376,9 @@ impl Upstream {
         headers.insert(header::USER_AGENT, USER_AGENT);
         if let Some(auth) = &self.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        if let Some(host) = &self.host_header {
+            headers.insert(header::HOST, host.clone());
         }
 
         let response = match tokio::time::timeout_at(first_byte_at, self.client.request(request)).await {
