@@ -152,8 +152,7 @@ impl<'a> Scan<'a> {
     fn key(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
-        // Keys are short: a plain loop beats memchr's setup here.
-        let len = self.b[start..].iter().position(|&c| c == b'"' || c == b'\\')?;
+        let len = memchr::memchr2(b'"', b'\\', &self.b[start..])?;
         if self.b[start + len] != b'"' {
             return None;
         }
