@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tokio::net::TcpStream;
 
 use crate::config::{Config, UpstreamConfig};
-use crate::upstream::{authorization_header, http_client, tls_config, USER_AGENT};
+use crate::upstream::{authorization_header, tls_config, Pool, USER_AGENT};
 
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -210,10 +210,12 @@ async fn tls_handshake(tcp: TcpStream, host: &str) -> Result<String, String> {
     Ok(format!("{version} {alpn}").trim().to_owned())
 }
 
-/// `GET {base_url}/models` with the upstream's key, through the same client
-/// the gateway uses. The answer is read up to 1 MiB.
+/// `GET {base_url}/models` with the upstream's key, through the same
+/// connection pool the gateway uses. The answer is read up to 1 MiB.
 async fn list_models(config: &UpstreamConfig) -> Result<(http::StatusCode, Bytes), String> {
-    let client = http_client(config).map_err(|e| format!("cannot build client: {e}"))?;
+    let pool = tls_config()
+        .and_then(|tls| Pool::new(config, tls))
+        .map_err(|e| format!("cannot build client: {e}"))?;
     let uri = Uri::try_from(format!("{}/models", config.base_url)).map_err(|e| e.to_string())?;
     let mut request = Request::new(Full::new(Bytes::new()));
     *request.uri_mut() = uri;
@@ -221,8 +223,8 @@ async fn list_models(config: &UpstreamConfig) -> Result<(http::StatusCode, Bytes
     if let Some(auth) = authorization_header(config) {
         request.headers_mut().insert(header::AUTHORIZATION, auth);
     }
-    let response = client
-        .request(request)
+    let response = pool
+        .send(request)
         .await
         .map_err(|e| format!("request failed: {}", with_sources(&e)))?;
     let status = response.status();

@@ -15,12 +15,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::{HttpVersion, UpstreamConfig};
+use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, TimeoutKind};
 use crate::layers::circuit::Breaker;
 use crate::metrics::{ErrorType, Metrics, UpstreamMetrics};
@@ -28,6 +26,9 @@ use crate::request::Endpoint;
 use crate::streaming::{BodyError, ReadError, SseReader};
 use crate::usage::{self, Usage};
 use crate::window::Window;
+
+mod pool;
+pub use pool::{Pool, SendError, IDLE_TIMEOUT};
 
 pub struct Upstream {
     pub name: Arc<str>,
@@ -44,13 +45,10 @@ pub struct Upstream {
     pub host: String,
     /// Attempt metrics, resolved at config load.
     pub metrics: Arc<UpstreamMetrics>,
-    client: HttpClient,
+    /// Keep-alive HTTP/1.1 or shared HTTP/2 connections (`pool`).
+    pool: Pool,
     /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
     authorization: Option<HeaderValue>,
-    /// `Host` for HTTP/1.1, made once: hyper-util otherwise formats
-    /// `host:port` for every request (2.4 % of the instructions per request).
-    /// `None` when HTTP/2 may be negotiated, which sends `:authority` instead.
-    host_header: Option<HeaderValue>,
 }
 
 /// What relaygate knows about an upstream's health, kept across reloads.
@@ -207,16 +205,8 @@ impl AttemptError {
     }
 }
 
-/// The pooled client behind an upstream.
-///
-/// hyper-util's client directly, not reqwest (which wraps the same pool):
-/// reqwest parses the URL again on every request and runs its redirect
-/// layer even with redirects off; together they were ~15 % of the
-/// instructions per request in the profile (docs/performance.md).
-pub type HttpClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// TLS for upstreams: the webpki roots, ring, TLS 1.2 and 1.3. No ALPN: the
-/// connector sets it (h2, http/1.1).
+/// pool sets it from `http_version` (h2, http/1.1).
 pub fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     Ok(
@@ -227,57 +217,8 @@ pub fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     )
 }
 
-/// The client for one upstream: pooled keep-alive connections in the
-/// configured HTTP version, and no redirects, ever (a redirect to another
-/// host would leak the key; this client does not follow them).
-///
-/// HTTP/2 is opt-in (`http_version`): hyper's pool puts every request to
-/// an upstream on one HTTP/2 connection and does not open a second one when
-/// the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS` is reached
-/// (hyperium/hyper#3623), so with long LLM streams the request past the
-/// limit would wait for a stream to end. HTTP/1.1 has no such ceiling.
-pub fn http_client(config: &UpstreamConfig) -> Result<HttpClient, rustls::Error> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.connect_timeout));
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config()?)
-        .https_or_http();
-    let https = match config.http_version {
-        HttpVersion::Http1 => tls.enable_http1().wrap_connector(http),
-        HttpVersion::Auto => tls.enable_http1().enable_http2().wrap_connector(http),
-        HttpVersion::Http2 => tls.enable_http2().wrap_connector(http),
-    };
-    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http2_only(config.http_version == HttpVersion::Http2)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_while_idle(true)
-        .build(https))
-}
-
 pub const USER_AGENT: HeaderValue = HeaderValue::from_static(concat!("relaygate/", env!("CARGO_PKG_VERSION")));
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-/// `Host` as hyper-util would write it: the host, and the port when it is
-/// not the scheme's default.
-fn host_header(uri: &Uri) -> HeaderValue {
-    let host = uri.host().expect("validated base_url has a host");
-    let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    let value = match uri.port_u16() {
-        Some(port) if port != default_port => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    };
-    HeaderValue::try_from(value).expect("a URI's host is a valid header value")
-}
 
 /// `Authorization: Bearer <api_key>`, marked sensitive.
 pub fn authorization_header(config: &UpstreamConfig) -> Option<HeaderValue> {
@@ -336,10 +277,9 @@ impl Upstream {
             name: Arc::from(config.name.as_str()),
             index,
             host: uris[0].host().unwrap_or_default().to_owned(),
-            host_header: (config.http_version == HttpVersion::Http1).then(|| host_header(&uris[0])),
             metrics: Arc::new(UpstreamMetrics::new(metrics, &config.name)),
             uris,
-            client: http_client(&config)?,
+            pool: Pool::new(&config, tls_config()?)?,
             authorization: authorization_header(&config),
             limit: (config.max_concurrency > 0).then(|| Arc::new(Semaphore::new(config.max_concurrency))),
             state,
@@ -377,11 +317,8 @@ impl Upstream {
         if let Some(auth) = &self.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
-        if let Some(host) = &self.host_header {
-            headers.insert(header::HOST, host.clone());
-        }
 
-        let response = match tokio::time::timeout_at(first_byte_at, self.client.request(request)).await {
+        let response = match tokio::time::timeout_at(first_byte_at, self.pool.send(request)).await {
             Err(_) => return Err(self.timeout(timeout_kind(first_byte_at), None)),
             Ok(Err(e)) if e.is_connect() => {
                 return Err(self.fail(

@@ -1,0 +1,645 @@
+//! Connections to one upstream: idle HTTP/1.1 connections kept between
+//! requests, or HTTP/2 connections shared by many.
+//!
+//! Written on hyper's connection API instead of hyper-util's legacy client.
+//! That client, for every request, raced a pool checkout against a lazily
+//! built connect future, hashed the pool key under one mutex for all hosts
+//! and spawned a task to put the HTTP/1.1 connection back (11.7 % of the
+//! instructions per request, docs/performance.md); and it never opens a
+//! second HTTP/2 connection when the first is at the server's stream limit
+//! (hyperium/hyper#3623), so a request past the limit waited for a stream
+//! to end. Here:
+//! - HTTP/1.1: a stack of idle connections, most recently used on top. A
+//!   connection goes back when its response body has been read to the end;
+//!   a body dropped earlier closes it (the rest of it is never read).
+//! - HTTP/2: each connection carries at most the server's
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS` requests; when all are full a new
+//!   one opens. Opening is serialised, so a burst at a cold pool opens one
+//!   connection, not one per request. Until the server's SETTINGS arrive
+//!   (a round trip after the connection opens) a new connection is assumed
+//!   to take 100 streams, h2's default and the minimum RFC 9113
+//!   recommends; with a server that allows fewer, a request in a burst on a
+//!   brand-new connection can wait behind its limit.
+//! - A request that a reused connection could not send (it closed under
+//!   us) goes out on another. One that was sent is never repeated here:
+//!   that is the retry policy's call.
+//! - Connections idle for `IDLE_TIMEOUT` are closed by a sweeper task that
+//!   ends with the pool.
+//!
+//! The two locks are per upstream and held for a push or a pop.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::config::{HttpVersion, UpstreamConfig};
+
+/// How long a connection may sit unused before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle HTTP/1.1 connections kept per upstream; more are closed on return.
+const MAX_IDLE: usize = 1024;
+/// How often the sweeper looks for expired connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+type H1 = http1::SendRequest<Full<Bytes>>;
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: DNS, TCP, TLS or the HTTP/2 handshake failed or timed out.
+    #[error("connect")]
+    Connect(#[source] Box<dyn StdError + Send + Sync>),
+    /// The connection failed while the request was out.
+    #[error("send")]
+    Send(#[source] hyper::Error),
+}
+
+impl SendError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    host: String,
+    port: u16,
+    /// `Host` for HTTP/1.1 requests, made once (HTTP/2 sends `:authority`).
+    host_header: HeaderValue,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    version: HttpVersion,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Vec<H2>>,
+    /// Held while an HTTP/2 connection opens.
+    h2_opening: tokio::sync::Mutex<()>,
+    /// An `auto` upstream answered ALPN with h2 at least once.
+    speaks_h2: AtomicBool,
+    sweeper: AtomicBool,
+}
+
+struct Idle {
+    tx: H1,
+    since: Instant,
+}
+
+#[derive(Clone)]
+struct H2 {
+    tx: http2::SendRequest<Full<Bytes>>,
+    streams: Arc<Streams>,
+}
+
+/// Streams in flight on one HTTP/2 connection, and the server's limit
+/// (published by the connection task each time it is polled).
+struct Streams {
+    active: AtomicUsize,
+    max: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Streams {
+    fn try_acquire(self: &Arc<Self>) -> Option<StreamGuard> {
+        let max = self.max.load(Ordering::Acquire).max(1);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| StreamGuard(self.clone()))
+    }
+}
+
+/// One stream's place on an HTTP/2 connection, given back on drop.
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+        }
+    }
+}
+
+enum Conn {
+    H1 {
+        tx: H1,
+        reused: bool,
+    },
+    H2 {
+        tx: http2::SendRequest<Full<Bytes>>,
+        guard: StreamGuard,
+        reused: bool,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pool {
+    pub fn new(config: &UpstreamConfig, tls: rustls::ClientConfig) -> Result<Self, rustls::Error> {
+        // base_url was validated as an http(s) URI with a host at config load.
+        let uri = Uri::try_from(config.base_url.as_str()).expect("validated base_url");
+        let https = uri.scheme() == Some(&Scheme::HTTPS);
+        let host = uri.host().expect("validated base_url has a host");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host_header = match uri.port_u16() {
+            Some(p) if p != if https { 443 } else { 80 } => format!("{host}:{p}"),
+            _ => host.to_owned(),
+        };
+        // `[::1]` in a URI, `::1` for DNS, TCP and SNI.
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let tls = if https {
+            let mut tls = tls;
+            tls.alpn_protocols = match config.http_version {
+                HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
+                HttpVersion::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                HttpVersion::Http2 => vec![b"h2".to_vec()],
+            };
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| rustls::Error::General(format!("{host:?} is not a valid TLS server name")))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(tls)), name))
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                host_header: HeaderValue::try_from(host_header).expect("a URI's host is a valid header value"),
+                host,
+                port,
+                tls,
+                version: config.http_version,
+                connect_timeout: config.connect_timeout,
+                idle: Mutex::new(Vec::new()),
+                h2: Mutex::new(Vec::new()),
+                h2_opening: tokio::sync::Mutex::new(()),
+                speaks_h2: AtomicBool::new(false),
+                sweeper: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Sends `request` (absolute URI) on a pooled or new connection.
+    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Response<Body>, SendError> {
+        let inner = &self.inner;
+        let uri = request.uri().clone();
+        let origin_form = Uri::from(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        loop {
+            let conn = match inner.checkout() {
+                Some(conn) => conn,
+                // Boxed: the connect future (DNS, TLS, handshakes) is large,
+                // and inline it would be moved with every request's future.
+                None => Box::pin(inner.connect()).await?,
+            };
+            let (result, reused) = match conn {
+                Conn::H1 { mut tx, reused } => {
+                    *request.uri_mut() = origin_form.clone();
+                    request.headers_mut().insert(header::HOST, inner.host_header.clone());
+                    if tx.ready().await.is_err() && reused {
+                        *request.uri_mut() = uri.clone();
+                        continue;
+                    }
+                    let sent = tx.try_send_request(request).await;
+                    let lease = Lease::H1 {
+                        pool: inner.clone(),
+                        tx,
+                    };
+                    (sent.map(|r| r.map(|b| Body::new(b, lease))), reused)
+                }
+                Conn::H2 { mut tx, guard, reused } => {
+                    *request.uri_mut() = uri.clone();
+                    request.headers_mut().remove(header::HOST);
+                    if tx.ready().await.is_err() && reused {
+                        continue;
+                    }
+                    let sent = tx.try_send_request(request).await;
+                    (
+                        sent.map(|r| r.map(|b| Body::new(b, Lease::H2 { _stream: guard }))),
+                        reused,
+                    )
+                }
+            };
+            match result {
+                Ok(response) => return Ok(response),
+                Err(mut e) => match e.take_message() {
+                    // Never written: safe to send again, on another connection.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn checkout(&self) -> Option<Conn> {
+        if self.version == HttpVersion::Http2 || self.speaks_h2.load(Ordering::Relaxed) {
+            if let Some(conn) = self.h2_checkout() {
+                return Some(conn);
+            }
+        }
+        if self.version == HttpVersion::Http2 {
+            return None;
+        }
+        let mut idle = lock(&self.idle);
+        while let Some(Idle { tx, since }) = idle.pop() {
+            if !tx.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(Conn::H1 { tx, reused: true });
+            }
+        }
+        None
+    }
+
+    fn h2_checkout(&self) -> Option<Conn> {
+        let conns = lock(&self.h2);
+        conns.iter().filter(|c| !c.tx.is_closed()).find_map(|c| {
+            let guard = c.streams.try_acquire()?;
+            Some(Conn::H2 {
+                tx: c.tx.clone(),
+                guard,
+                reused: true,
+            })
+        })
+    }
+
+    /// An HTTP/1.1 connection whose response was read to the end.
+    fn checkin(&self, tx: H1) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Conn, SendError> {
+        self.start_sweeper();
+        let h2_expected = self.version == HttpVersion::Http2 || self.speaks_h2.load(Ordering::Relaxed);
+        let _opening = if h2_expected {
+            let opening = self.h2_opening.lock().await;
+            // Someone else may have opened one while we waited.
+            if let Some(conn) = self.h2_checkout() {
+                return Ok(conn);
+            }
+            Some(opening)
+        } else {
+            None
+        };
+        let io = tokio::time::timeout(self.connect_timeout, self.dial())
+            .await
+            .map_err(|_| {
+                SendError::Connect(
+                    format!("timed out after {}", humantime::format_duration(self.connect_timeout)).into(),
+                )
+            })?
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let h2 = match &io {
+            MaybeHttpsStream::Https(tls) => tls.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
+            MaybeHttpsStream::Http(_) => self.version == HttpVersion::Http2,
+        };
+        if h2 {
+            self.speaks_h2.store(true, Ordering::Relaxed);
+            self.open_h2(io).await
+        } else {
+            let (tx, connection) = http1::handshake(io).await.map_err(|e| SendError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "upstream connection closed with an error");
+                }
+            });
+            Ok(Conn::H1 { tx, reused: false })
+        }
+    }
+
+    async fn open_h2(&self, io: Io) -> Result<Conn, SendError> {
+        let (tx, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let streams = Arc::new(Streams {
+            active: AtomicUsize::new(0),
+            max: AtomicUsize::new(connection.current_max_send_streams()),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        tokio::spawn(H2Driver {
+            connection: Box::pin(connection),
+            streams: streams.clone(),
+        });
+        let guard = streams.try_acquire().expect("a new connection has room for one stream");
+        lock(&self.h2).push(H2 {
+            tx: tx.clone(),
+            streams,
+        });
+        Ok(Conn::H2 {
+            tx,
+            guard,
+            reused: false,
+        })
+    }
+
+    /// TCP (the addresses in order), then TLS for https.
+    async fn dial(&self) -> io::Result<Io> {
+        let mut last = None;
+        for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    // Small requests and SSE must not wait for Nagle's algorithm.
+                    tcp.set_nodelay(true)?;
+                    let Some((tls, name)) = &self.tls else {
+                        return Ok(MaybeHttpsStream::Http(TokioIo::new(tcp)));
+                    };
+                    let stream = tls.connect(name.clone(), TokioIo::new(TokioIo::new(tcp))).await?;
+                    return Ok(MaybeHttpsStream::Https(TokioIo::new(stream)));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address")))
+    }
+
+    /// One sweeper per pool, started with its first connection; it ends
+    /// when the pool is dropped (a config reload replaces it).
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = Weak::upgrade(&pool) else { return };
+                pool.sweep();
+            }
+        });
+    }
+
+    fn sweep(&self) {
+        lock(&self.idle).retain(|e| !e.tx.is_closed() && e.since.elapsed() < IDLE_TIMEOUT);
+        lock(&self.h2).retain(|c| {
+            !c.tx.is_closed()
+                && (c.streams.active.load(Ordering::Acquire) > 0
+                    || lock(&c.streams.idle_since).elapsed() < IDLE_TIMEOUT)
+        });
+    }
+
+    #[cfg(test)]
+    fn idle_connections(&self) -> usize {
+        lock(&self.idle).len()
+    }
+}
+
+/// Drives an HTTP/2 connection and publishes the server's stream limit.
+struct H2Driver {
+    connection: Pin<Box<H2Connection>>,
+    streams: Arc<Streams>,
+}
+
+type H2Connection = http2::Connection<Io, Full<Bytes>, TokioExecutor>;
+
+impl Future for H2Driver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let done = self.connection.as_mut().poll(cx);
+        let max = self.connection.current_max_send_streams();
+        self.streams.max.store(max, Ordering::Release);
+        match done {
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection closed with an error");
+                Poll::Ready(())
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// What a response body gives back when it ends.
+enum Lease {
+    H1 { pool: Arc<Inner>, tx: H1 },
+    H2 { _stream: StreamGuard },
+}
+
+/// A response body that returns its connection (HTTP/1.1) or stream slot
+/// (HTTP/2) when read to the end.
+pub struct Body {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Body {
+    fn new(inner: Incoming, lease: Lease) -> Self {
+        Self {
+            inner,
+            lease: Some(lease),
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => {
+                if let Some(Lease::H1 { pool, tx }) = self.lease.take() {
+                    pool.checkin(tx);
+                }
+            }
+            // A broken connection is not given back.
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::sim::{Faults, Sim};
+
+    fn pool(sim: &Sim, version: &str) -> Pool {
+        let config = Config::parse(
+            &format!(
+                r#"
+[[upstreams]]
+name = "a"
+base_url = "{}"
+http_version = "{version}"
+[[models]]
+name = "m"
+targets = [{{ upstream = "a" }}]
+"#,
+                sim.base_url()
+            ),
+            |_| None,
+        )
+        .unwrap();
+        Pool::new(&config.upstreams[0], crate::upstream::tls_config().unwrap()).unwrap()
+    }
+
+    fn chat(sim: &Sim, stream: bool) -> Request<Full<Bytes>> {
+        let body = format!(r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = format!("{}/chat/completions", sim.base_url()).parse().unwrap();
+        request
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        request
+    }
+
+    #[tokio::test]
+    async fn http1_connections_go_back_only_when_read_to_the_end() {
+        let sim = Sim::start("a", Faults::default()).await.unwrap();
+        let pool = pool(&sim, "1.1");
+        for _ in 0..5 {
+            let response = pool.send(chat(&sim, false)).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.version(), http::Version::HTTP_11);
+            response.into_body().collect().await.unwrap();
+            // One connection, reused: a new one per request would pile up here.
+            assert_eq!(pool.inner.idle_connections(), 1);
+        }
+        assert_eq!(
+            sim.last_request().unwrap().headers[header::HOST],
+            sim.addr().to_string()
+        );
+
+        // Three at once need three connections; all come back.
+        let bodies = futures_util::future::join_all((0..3).map(|_| pool.send(chat(&sim, false)))).await;
+        assert_eq!(pool.inner.idle_connections(), 0);
+        for response in bodies {
+            response.unwrap().into_body().collect().await.unwrap();
+        }
+        assert_eq!(pool.inner.idle_connections(), 3);
+
+        // A body dropped before its end closes its connection.
+        let response = pool.send(chat(&sim, true)).await.unwrap();
+        assert_eq!(pool.inner.idle_connections(), 2);
+        drop(response);
+        assert_eq!(pool.inner.idle_connections(), 2);
+        assert_eq!(sim.stats().requests, 9);
+    }
+
+    #[tokio::test]
+    async fn a_closed_idle_connection_is_not_used() {
+        let sim = Sim::start("a", Faults::default()).await.unwrap();
+        let addr = sim.addr();
+        let pool = pool(&sim, "1.1");
+        pool.send(chat(&sim, false))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(pool.inner.idle_connections(), 1);
+        // The upstream restarts on the same port: the pooled connection is dead.
+        drop(sim);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lock(&pool.inner.idle).iter().all(|e| e.tx.is_closed()) {
+            assert!(Instant::now() < deadline, "the connection never saw the close");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let sim = Sim::start_on(addr, "a", Faults::default()).await.unwrap();
+        let response = pool.send(chat(&sim, false)).await.expect("sent on a new connection");
+        assert_eq!(response.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn http2_opens_another_connection_at_the_stream_limit() {
+        // Streams that stay open until released: with one connection and a
+        // limit of 2, the third request would wait for one of them to end.
+        let faults = Faults {
+            stall_after: Some(1),
+            ..Faults::default()
+        };
+        let sim = Sim::start_h2_limited("a", faults, 2).await.unwrap();
+        let pool = pool(&sim, "2");
+        // One at a time, so each connection's SETTINGS have arrived (before
+        // its first response) when the next request picks a connection.
+        let mut open = Vec::new();
+        for _ in 0..5 {
+            let response = tokio::time::timeout(Duration::from_secs(10), pool.send(chat(&sim, true)))
+                .await
+                .expect("a request waited behind the stream limit")
+                .unwrap();
+            assert_eq!(response.version(), http::Version::HTTP_2);
+            open.push(response);
+        }
+        assert_eq!(lock(&pool.inner.h2).len(), 3, "5 streams at 2 per connection");
+        assert_eq!(sim.stats().streams_opened, 5);
+        // Ended streams free their slots: the next request needs no new connection.
+        sim.release();
+        for response in open {
+            response.into_body().collect().await.unwrap();
+        }
+        pool.send(chat(&sim, false))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(lock(&pool.inner.h2).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn connect_errors_are_told_apart() {
+        let sim = Sim::start("a", Faults::default()).await.unwrap();
+        let pool = pool(&sim, "1.1");
+        drop(sim);
+        let sim_gone = Sim::start("b", Faults::default()).await.unwrap();
+        // The request names the live sim, but the pool dials the dead one.
+        let Err(error) = pool.send(chat(&sim_gone, false)).await else {
+            panic!("the request reached a stopped upstream");
+        };
+        assert!(error.is_connect(), "{error:?}");
+    }
+}
