@@ -57,7 +57,24 @@ const MAX_IDLE: usize = 1024;
 /// How often the sweeper looks for expired connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+/// A connection's byte stream, plain or TLS, behind a pointer: hyper sizes
+/// every task it spawns for an HTTP/2 stream by its largest variant, the
+/// connection with its transport inline, and a TLS session inline is large.
+type Io = Box<dyn Transport>;
+
+trait Transport: hyper::rt::Read + hyper::rt::Write + Send + Unpin {
+    /// The ALPN protocol the server chose (TLS only).
+    fn alpn_h2(&self) -> bool;
+}
+
+impl Transport for MaybeHttpsStream<TokioIo<TcpStream>> {
+    fn alpn_h2(&self) -> bool {
+        match self {
+            MaybeHttpsStream::Https(tls) => tls.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
+            MaybeHttpsStream::Http(_) => false,
+        }
+    }
+}
 type H1 = http1::SendRequest<Full<Bytes>>;
 
 /// Why a request got no response.
@@ -319,9 +336,10 @@ impl Inner {
                 )
             })?
             .map_err(|e| SendError::Connect(e.into()))?;
-        let h2 = match &io {
-            MaybeHttpsStream::Https(tls) => tls.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
-            MaybeHttpsStream::Http(_) => self.version == HttpVersion::Http2,
+        let h2 = if self.tls.is_some() {
+            io.alpn_h2()
+        } else {
+            self.version == HttpVersion::Http2
         };
         if h2 {
             self.speaks_h2.store(true, Ordering::Relaxed);
@@ -375,10 +393,10 @@ impl Inner {
                     // Small requests and SSE must not wait for Nagle's algorithm.
                     tcp.set_nodelay(true)?;
                     let Some((tls, name)) = &self.tls else {
-                        return Ok(MaybeHttpsStream::Http(TokioIo::new(tcp)));
+                        return Ok(Box::new(MaybeHttpsStream::Http(TokioIo::new(tcp))));
                     };
                     let stream = tls.connect(name.clone(), TokioIo::new(TokioIo::new(tcp))).await?;
-                    return Ok(MaybeHttpsStream::Https(TokioIo::new(stream)));
+                    return Ok(Box::new(MaybeHttpsStream::Https(TokioIo::new(stream))));
                 }
                 Err(e) => last = Some(e),
             }
@@ -628,6 +646,103 @@ targets = [{{ upstream = "a" }}]
             .await
             .unwrap();
         assert_eq!(lock(&pool.inner.h2).len(), 3);
+    }
+
+    /// A TLS upstream on 127.0.0.1 offering h2 and http/1.1 by ALPN, with a
+    /// certificate from the test CA in tests/fixtures/tls (100-year validity,
+    /// test-only key). Answers every POST with a completion.
+    async fn tls_upstream() -> (std::net::SocketAddr, rustls::ClientConfig) {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = CertificateDer::from(include_bytes!("../../tests/fixtures/tls/leaf.der").to_vec());
+        let key = PrivateKeyDer::try_from(include_bytes!("../../tests/fixtures/tls/leaf.key.der").to_vec()).unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(|| async { axum::Json(serde_json::json!({"usage": {"prompt_tokens": 1}})) }),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, answer) = (acceptor.clone(), answer.clone());
+                tokio::spawn(async move {
+                    // A client that rejects the certificate aborts the handshake.
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper_util::service::TowerToHyperService::new(answer);
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(
+                include_bytes!("../../tests/fixtures/tls/ca.der").to_vec(),
+            ))
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (addr, client)
+    }
+
+    #[tokio::test]
+    async fn tls_upstreams_speak_the_configured_version() {
+        let (addr, tls) = tls_upstream().await;
+        for (version, expected) in [
+            ("1.1", http::Version::HTTP_11),
+            ("auto", http::Version::HTTP_2),
+            ("2", http::Version::HTTP_2),
+        ] {
+            let mut config = Config::parse(
+                &format!(
+                    "[[upstreams]]\nname = \"a\"\nbase_url = \"https://{addr}/v1\"\nhttp_version = \"{version}\"\n\
+                     [[models]]\nname = \"m\"\ntargets = [{{ upstream = \"a\" }}]\n"
+                ),
+                |_| None,
+            )
+            .unwrap();
+            let pool = Pool::new(&config.upstreams.remove(0), tls.clone()).unwrap();
+            for _ in 0..2 {
+                let mut request = Request::new(Full::new(Bytes::from_static(b"{}")));
+                *request.method_mut() = http::Method::POST;
+                *request.uri_mut() = format!("https://{addr}/v1/chat/completions").parse().unwrap();
+                let response = pool.send(request).await.unwrap();
+                assert_eq!(response.version(), expected, "http_version = {version}");
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], br#"{"usage":{"prompt_tokens":1}}"#);
+            }
+            let connections = pool.inner.idle_connections() + lock(&pool.inner.h2).len();
+            assert_eq!(connections, 1, "http_version = {version}: one connection, reused");
+        }
+        // The certificate is checked: the public roots do not know the test CA.
+        let config = Config::parse(
+            &format!(
+                "[[upstreams]]\nname = \"a\"\nbase_url = \"https://{addr}/v1\"\n\
+                 [[models]]\nname = \"m\"\ntargets = [{{ upstream = \"a\" }}]\n"
+            ),
+            |_| None,
+        )
+        .unwrap();
+        let pool = Pool::new(&config.upstreams[0], crate::upstream::tls_config().unwrap()).unwrap();
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = format!("https://{addr}/v1/models").parse().unwrap();
+        let Err(error) = pool.send(request).await else {
+            panic!("an untrusted certificate was accepted");
+        };
+        assert!(error.is_connect(), "{error:?}");
     }
 
     #[tokio::test]
