@@ -350,6 +350,24 @@ async fn unknown_paths_are_openai_shaped_404s() {
     expect_error(resp, 404, "unknown_url").await;
     let resp = client().get(gw.v1("/chat/completions")).send().await.unwrap();
     expect_error(resp, 404, "unknown_url").await;
+    // Only the exact paths are proxied; a query string does not matter.
+    let resp = client()
+        .post(gw.v1("/chat/completions/"))
+        .bearer_auth(CLIENT_KEY)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 404, "unknown_url").await;
+    let resp = client()
+        .post(gw.v1("/chat/completions?x=1"))
+        .bearer_auth(CLIENT_KEY)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sim.stats().requests, 1);
 }
 
 #[tokio::test]
