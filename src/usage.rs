@@ -95,7 +95,10 @@ fn usage_at_the_end(body: &[u8]) -> Option<Usage> {
     if body.first() != Some(&b'{') || body.last() != Some(&b'}') {
         return None;
     }
-    let at = memchr::memmem::rfind(body, KEY)?;
+    // Built once: `memmem::rfind` builds its searcher on every call.
+    static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
+    let at = FINDER.rfind(body)?;
     if !matches!(body[..at].trim_ascii_end().last(), Some(b',' | b'{')) {
         return None;
     }
