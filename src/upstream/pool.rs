@@ -35,7 +35,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
@@ -47,6 +47,8 @@ use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+// tokio's clock, so that tests can move it (the idle sweep).
+use tokio::time::Instant;
 
 use crate::config::{HttpVersion, UpstreamConfig};
 
@@ -583,6 +585,27 @@ targets = [{{ upstream = "a" }}]
         drop(response);
         assert_eq!(pool.inner.idle_connections(), 2);
         assert_eq!(sim.stats().requests, 9);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_the_idle_timeout() {
+        let sim = Sim::start("a", Faults::default()).await.unwrap();
+        let pool = pool(&sim, "1.1");
+        pool.send(chat(&sim, false))
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(pool.inner.idle_connections(), 1);
+        tokio::time::pause();
+        tokio::time::advance(IDLE_TIMEOUT - SWEEP_EVERY).await;
+        tokio::task::yield_now().await;
+        assert_eq!(pool.inner.idle_connections(), 1, "swept too early");
+        tokio::time::advance(2 * SWEEP_EVERY).await;
+        tokio::task::yield_now().await;
+        assert_eq!(pool.inner.idle_connections(), 0, "not swept");
     }
 
     #[tokio::test]
