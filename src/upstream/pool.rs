@@ -179,10 +179,12 @@ impl Pool {
         let uri = Uri::try_from(config.base_url.as_str()).expect("validated base_url");
         let https = uri.scheme() == Some(&Scheme::HTTPS);
         let host = uri.host().expect("validated base_url has a host");
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let host_header = match uri.port_u16() {
-            Some(p) if p != if https { 443 } else { 80 } => format!("{host}:{p}"),
-            _ => host.to_owned(),
+        let default_port = if https { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default_port);
+        let host_header = if port == default_port {
+            host.to_owned()
+        } else {
+            format!("{host}:{port}")
         };
         // `[::1]` in a URI, `::1` for DNS, TCP and SNI.
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
@@ -338,10 +340,12 @@ impl Inner {
                 )
             })?
             .map_err(|e| SendError::Connect(e.into()))?;
-        let h2 = if self.tls.is_some() {
-            io.alpn_h2()
-        } else {
-            self.version == HttpVersion::Http2
+        // "2" speaks HTTP/2 whatever ALPN said (a server without it fails
+        // the handshake, a clear connect error); "auto" follows ALPN.
+        let h2 = match self.version {
+            HttpVersion::Http2 => true,
+            HttpVersion::Auto => io.alpn_h2(),
+            HttpVersion::Http1 => false,
         };
         if h2 {
             self.speaks_h2.store(true, Ordering::Relaxed);
