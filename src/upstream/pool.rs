@@ -527,31 +527,37 @@ mod tests {
     use crate::config::Config;
     use crate::sim::{Faults, Sim};
 
+    fn upstream(base_url: &str, version: &str) -> UpstreamConfig {
+        let toml = format!(
+            "[[upstreams]]\nname = \"a\"\nbase_url = \"{base_url}\"\nhttp_version = \"{version}\"\n\
+             [[models]]\nname = \"m\"\ntargets = [{{ upstream = \"a\" }}]\n"
+        );
+        Config::parse(&toml, |_| None).unwrap().upstreams.remove(0)
+    }
+
     fn pool(sim: &Sim, version: &str) -> Pool {
-        let config = Config::parse(
-            &format!(
-                r#"
-[[upstreams]]
-name = "a"
-base_url = "{}"
-http_version = "{version}"
-[[models]]
-name = "m"
-targets = [{{ upstream = "a" }}]
-"#,
-                sim.base_url()
-            ),
-            |_| None,
+        Pool::new(
+            &upstream(&sim.base_url(), version),
+            crate::upstream::tls_config().unwrap(),
         )
-        .unwrap();
-        Pool::new(&config.upstreams[0], crate::upstream::tls_config().unwrap()).unwrap()
+        .unwrap()
+    }
+
+    /// Sends, reads the answer to its end (which returns the connection).
+    async fn round_trip(pool: &Pool, request: Request<Full<Bytes>>) -> Bytes {
+        let response = pool.send(request).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
     }
 
     fn chat(sim: &Sim, stream: bool) -> Request<Full<Bytes>> {
+        chat_at(&sim.base_url(), stream)
+    }
+
+    fn chat_at(base_url: &str, stream: bool) -> Request<Full<Bytes>> {
         let body = format!(r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#);
         let mut request = Request::new(Full::new(Bytes::from(body)));
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = format!("{}/chat/completions", sim.base_url()).parse().unwrap();
+        *request.uri_mut() = format!("{base_url}/chat/completions").parse().unwrap();
         request
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -595,13 +601,7 @@ targets = [{{ upstream = "a" }}]
     async fn idle_connections_close_after_the_idle_timeout() {
         let sim = Sim::start("a", Faults::default()).await.unwrap();
         let pool = pool(&sim, "1.1");
-        pool.send(chat(&sim, false))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        round_trip(&pool, chat(&sim, false)).await;
         assert_eq!(pool.inner.idle_connections(), 1);
         tokio::time::pause();
         tokio::time::advance(IDLE_TIMEOUT - SWEEP_EVERY).await;
@@ -617,13 +617,7 @@ targets = [{{ upstream = "a" }}]
         let sim = Sim::start("a", Faults::default()).await.unwrap();
         let addr = sim.addr();
         let pool = pool(&sim, "1.1");
-        pool.send(chat(&sim, false))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        round_trip(&pool, chat(&sim, false)).await;
         assert_eq!(pool.inner.idle_connections(), 1);
         // The upstream restarts on the same port: the pooled connection is dead.
         drop(sim);
@@ -665,13 +659,7 @@ targets = [{{ upstream = "a" }}]
         for response in open {
             response.into_body().collect().await.unwrap();
         }
-        pool.send(chat(&sim, false))
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        round_trip(&pool, chat(&sim, false)).await;
         assert_eq!(lock(&pool.inner.h2).len(), 3);
     }
 
@@ -733,20 +721,10 @@ targets = [{{ upstream = "a" }}]
             ("auto", http::Version::HTTP_2),
             ("2", http::Version::HTTP_2),
         ] {
-            let mut config = Config::parse(
-                &format!(
-                    "[[upstreams]]\nname = \"a\"\nbase_url = \"https://{addr}/v1\"\nhttp_version = \"{version}\"\n\
-                     [[models]]\nname = \"m\"\ntargets = [{{ upstream = \"a\" }}]\n"
-                ),
-                |_| None,
-            )
-            .unwrap();
-            let pool = Pool::new(&config.upstreams.remove(0), tls.clone()).unwrap();
+            let base_url = format!("https://{addr}/v1");
+            let pool = Pool::new(&upstream(&base_url, version), tls.clone()).unwrap();
             for _ in 0..2 {
-                let mut request = Request::new(Full::new(Bytes::from_static(b"{}")));
-                *request.method_mut() = http::Method::POST;
-                *request.uri_mut() = format!("https://{addr}/v1/chat/completions").parse().unwrap();
-                let response = pool.send(request).await.unwrap();
+                let response = pool.send(chat_at(&base_url, false)).await.unwrap();
                 assert_eq!(response.version(), expected, "http_version = {version}");
                 let body = response.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(&body[..], br#"{"usage":{"prompt_tokens":1}}"#);
@@ -755,18 +733,9 @@ targets = [{{ upstream = "a" }}]
             assert_eq!(connections, 1, "http_version = {version}: one connection, reused");
         }
         // The certificate is checked: the public roots do not know the test CA.
-        let config = Config::parse(
-            &format!(
-                "[[upstreams]]\nname = \"a\"\nbase_url = \"https://{addr}/v1\"\n\
-                 [[models]]\nname = \"m\"\ntargets = [{{ upstream = \"a\" }}]\n"
-            ),
-            |_| None,
-        )
-        .unwrap();
-        let pool = Pool::new(&config.upstreams[0], crate::upstream::tls_config().unwrap()).unwrap();
-        let mut request = Request::new(Full::new(Bytes::new()));
-        *request.uri_mut() = format!("https://{addr}/v1/models").parse().unwrap();
-        let Err(error) = pool.send(request).await else {
+        let base_url = format!("https://{addr}/v1");
+        let pool = Pool::new(&upstream(&base_url, "1.1"), crate::upstream::tls_config().unwrap()).unwrap();
+        let Err(error) = pool.send(chat_at(&base_url, false)).await else {
             panic!("an untrusted certificate was accepted");
         };
         assert!(error.is_connect(), "{error:?}");
