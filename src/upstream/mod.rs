@@ -28,7 +28,7 @@ use crate::usage::{self, Usage};
 use crate::window::Window;
 
 mod pool;
-pub use pool::{Pool, SendError, IDLE_TIMEOUT};
+pub use pool::{Body, Pool, SendError};
 
 pub struct Upstream {
     pub name: Arc<str>,

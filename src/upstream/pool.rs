@@ -25,6 +25,8 @@
 //!   that is the retry policy's call.
 //! - Connections idle for `IDLE_TIMEOUT` are closed by a sweeper task that
 //!   ends with the pool.
+//! - Redirects are answers like any other: nothing here follows one (that
+//!   would send the upstream key to whatever host a `Location` names).
 //!
 //! The two locks are per upstream and held for a push or a pop.
 
@@ -53,7 +55,7 @@ use tokio::time::Instant;
 use crate::config::{HttpVersion, UpstreamConfig};
 
 /// How long a connection may sit unused before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle HTTP/1.1 connections kept per upstream; more are closed on return.
 const MAX_IDLE: usize = 1024;
 /// How often the sweeper looks for expired connections.
