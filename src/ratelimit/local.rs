@@ -18,10 +18,15 @@
 //!   counts `tokio::time::Instant` from the store's origin, so tests can run
 //!   on paused time.
 //!
-//! All-or-nothing across rules: under the lock, take from each bucket in
-//! turn; when one refuses, give back what was taken. Nobody can see the
-//! intermediate state, so N concurrent callers against a limit of L admit
-//! exactly L.
+//! All-or-nothing across rules: under the locks of the buckets involved,
+//! take from each bucket in turn; when one refuses, give back what was
+//! taken. Nobody can see the intermediate state, so N concurrent callers
+//! against a limit of L admit exactly L.
+//!
+//! The buckets are spread over `SHARDS` shards by (rule, name), each with
+//! its own lock and decision clock, so requests for different keys do not
+//! queue on one mutex. A decision locks the shards of its buckets in index
+//! order (no deadlock) and sets their clocks to one instant.
 
 use std::collections::HashMap;
 use std::num::{NonZeroU32, NonZeroU64};
@@ -39,10 +44,13 @@ use tokio::time::Instant;
 use super::gcra::Gcra;
 use super::{Charge, Kind, Outcome, RuleParams};
 
-/// Once a rule has this many buckets, full ones (indistinguishable from new
-/// ones) are dropped. Bucket names come from config (keys, upstreams) or
+/// Once a rule has this many buckets (`PRUNE_AT / SHARDS` in one shard),
+/// full ones (indistinguishable from new ones) are dropped. Bucket names come from config (keys, upstreams) or
 /// configured models, so this is a guard, not the normal path.
 const PRUNE_AT: usize = 1024;
+/// Independent locks. More than the cores of any host relaygate runs on as
+/// a sidecar; a bucket's shard is a hash of its rule and name.
+const SHARDS: usize = 16;
 
 /// The instant of the decision being made, in nanoseconds since the store's
 /// origin.
@@ -171,24 +179,58 @@ struct State {
     prune_at: Vec<usize>,
 }
 
+struct Shard {
+    /// The clock of this shard's cells, set under its lock.
+    clock: DecisionClock,
+    state: Mutex<State>,
+}
+
 pub(crate) struct LocalStore {
     origin: Instant,
-    clock: DecisionClock,
     params: Vec<RuleParams>,
-    state: Mutex<State>,
+    shards: Box<[Shard]>,
+}
+
+/// The shards one decision holds: usually one (a request's buckets for one
+/// rule share a shard), without allocating; else several, in index order.
+enum Locked<'a> {
+    One(MutexGuard<'a, State>),
+    Many(Vec<(usize, MutexGuard<'a, State>)>),
+}
+
+impl Locked<'_> {
+    fn state(&mut self, shard: usize) -> &mut State {
+        match self {
+            Locked::One(state) => state,
+            Locked::Many(guards) => {
+                let at = guards.iter().position(|(s, _)| *s == shard).expect("locked");
+                &mut guards[at].1
+            }
+        }
+    }
+
+    fn get(&self, shard: usize) -> &State {
+        match self {
+            Locked::One(state) => state,
+            Locked::Many(guards) => &guards.iter().find(|(s, _)| *s == shard).expect("locked").1,
+        }
+    }
 }
 
 impl LocalStore {
     pub fn new(params: Vec<RuleParams>) -> LocalStore {
         let n = params.len();
-        LocalStore {
-            origin: Instant::now(),
+        let shard = || Shard {
             clock: DecisionClock::default(),
-            params,
             state: Mutex::new(State {
                 buckets: (0..n).map(|_| HashMap::new()).collect(),
-                prune_at: vec![PRUNE_AT; n],
+                prune_at: vec![PRUNE_AT / SHARDS; n],
             }),
+        };
+        LocalStore {
+            origin: Instant::now(),
+            params,
+            shards: (0..SHARDS).map(|_| shard()).collect(),
         }
     }
 
@@ -196,40 +238,74 @@ impl LocalStore {
         &self.params
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent atomics behind.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// FNV-1a of the rule and the name: cheap, and the worst an adversarial
+    /// name can do is share a shard, i.e. the single lock of old.
+    fn shard_of(rule: usize, bucket: &str) -> usize {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in rule.to_le_bytes().iter().chain(bucket.as_bytes()) {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % SHARDS as u64) as usize
     }
 
-    /// Sets the decision clock to now and returns it. Call under the lock.
-    fn tick(&self) -> u64 {
-        let now = Instant::now().saturating_duration_since(self.origin).as_nanos();
-        let now = u64::try_from(now).unwrap_or(u64::MAX);
-        self.clock.0.store(now, Ordering::Release);
-        now
+    /// Locks the shards of `buckets` (in index order) and sets their clocks
+    /// to now, read under the locks so each shard's clock only moves forward.
+    fn lock<'a>(&'a self, buckets: impl Iterator<Item = (usize, &'a str)> + Clone) -> (Locked<'a>, u64) {
+        // A panic while holding a lock leaves consistent atomics behind.
+        let lock = |s: usize| self.shards[s].state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = || {
+            let now = Instant::now().saturating_duration_since(self.origin).as_nanos();
+            u64::try_from(now).unwrap_or(u64::MAX)
+        };
+        let shards = buckets.map(|(rule, bucket)| Self::shard_of(rule, bucket));
+        let first = shards.clone().next().unwrap_or(0);
+        if shards.clone().all(|s| s == first) {
+            let guard = lock(first);
+            let now = now();
+            self.shards[first].clock.0.store(now, Ordering::Release);
+            return (Locked::One(guard), now);
+        }
+        let mut order: Vec<usize> = shards.collect();
+        order.sort_unstable();
+        order.dedup();
+        let guards: Vec<_> = order.iter().map(|&s| (s, lock(s))).collect();
+        let now = now();
+        for &s in &order {
+            self.shards[s].clock.0.store(now, Ordering::Release);
+        }
+        (Locked::Many(guards), now)
     }
 
     /// Decides `charges` all or nothing. With `commit == false` only reads
     /// (the levels, and whether all would be admitted).
     pub fn decide(&self, charges: &[Charge], commit: bool) -> Outcome {
-        let mut state = self.lock();
-        let now = self.tick();
+        let (mut locked, now) = self.lock(charges.iter().map(|c| (c.rule, c.bucket.as_str())));
         for c in charges {
+            let shard = Self::shard_of(c.rule, &c.bucket);
             let Some(gcra) = self.params[c.rule].get(c.kind) else {
                 continue;
             };
-            let bucket = state.buckets[c.rule].entry(c.bucket.clone()).or_default();
+            let buckets = &mut locked.state(shard).buckets[c.rule];
+            // No String per request for a bucket that exists.
+            if !buckets.contains_key(&c.bucket) {
+                buckets.insert(c.bucket.clone(), Bucket::default());
+            }
+            let bucket = buckets.get_mut(&c.bucket).expect("just inserted");
             let slot = match c.kind {
                 Kind::Requests => &mut bucket.requests,
                 Kind::Tokens => &mut bucket.tokens,
             };
             if slot.is_none() {
-                *slot = Some(Cell::new(gcra, &self.clock, now));
+                *slot = Some(Cell::new(gcra, &self.shards[shard].clock, now));
             }
         }
         let cells: Vec<&Cell> = charges
             .iter()
-            .filter_map(|c| state.buckets[c.rule].get(&c.bucket).and_then(|b| b.cell(c.kind)))
+            .filter_map(|c| {
+                locked.get(Self::shard_of(c.rule, &c.bucket)).buckets[c.rule]
+                    .get(&c.bucket)
+                    .and_then(|b| b.cell(c.kind))
+            })
             .collect();
         debug_assert_eq!(cells.len(), charges.len());
         let before: Vec<u64> = cells.iter().map(|c| c.level(now)).collect();
@@ -265,25 +341,26 @@ impl LocalStore {
         };
         drop(cells);
         for c in charges {
-            Self::prune(&mut state, c.rule, now);
+            Self::prune(locked.state(Self::shard_of(c.rule, &c.bucket)), c.rule, now);
         }
         outcome
     }
 
     /// Moves token buckets by `delta` units: positive charges, negative gives back.
     pub fn adjust(&self, items: &[(usize, &str, i64)]) {
-        let mut state = self.lock();
-        let now = self.tick();
         for &(rule, bucket, delta) in items {
             let Some(gcra) = self.params[rule].tokens else {
                 continue;
             };
+            let shard = Self::shard_of(rule, bucket);
+            let (mut locked, now) = self.lock(std::iter::once((rule, bucket)));
+            let buckets = &mut locked.state(shard).buckets[rule];
             if delta > 0 {
-                let b = state.buckets[rule].entry(bucket.to_owned()).or_default();
+                let b = buckets.entry(bucket.to_owned()).or_default();
                 b.tokens
-                    .get_or_insert_with(|| Cell::new(gcra, &self.clock, now))
+                    .get_or_insert_with(|| Cell::new(gcra, &self.shards[shard].clock, now))
                     .charge(now, delta.unsigned_abs());
-            } else if let Some(cell) = state.buckets[rule].get(bucket).and_then(|b| b.tokens.as_ref()) {
+            } else if let Some(cell) = buckets.get(bucket).and_then(|b| b.tokens.as_ref()) {
                 // A bucket that is gone was full: nothing to give back.
                 cell.give_back(delta.unsigned_abs());
             }
@@ -296,12 +373,15 @@ impl LocalStore {
             return;
         }
         state.buckets[rule].retain(|_, b| !b.is_full(now));
-        state.prune_at[rule] = (state.buckets[rule].len() * 2).max(PRUNE_AT);
+        state.prune_at[rule] = (state.buckets[rule].len() * 2).max(PRUNE_AT / SHARDS);
     }
 
     #[cfg(test)]
     fn bucket_count(&self, rule: usize) -> usize {
-        self.lock().buckets[rule].len()
+        self.shards
+            .iter()
+            .map(|s| s.state.lock().unwrap().buckets[rule].len())
+            .sum()
     }
 }
 
@@ -387,13 +467,74 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn full_buckets_are_pruned() {
         let s = store(6000, 100, None);
-        for i in 0..PRUNE_AT - 1 {
-            assert!(s.decide(&[req(&format!("k{i}"))], true).admitted);
+        // Buckets of one shard, up to its pruning threshold.
+        let per_shard = PRUNE_AT / SHARDS;
+        let names: Vec<String> = (0..)
+            .map(|i| format!("k{i}"))
+            .filter(|n| LocalStore::shard_of(0, n) == 3)
+            .take(per_shard)
+            .collect();
+        for name in &names[..per_shard - 1] {
+            assert!(s.decide(&[req(name)], true).admitted);
         }
-        assert_eq!(s.bucket_count(0), PRUNE_AT - 1);
+        assert_eq!(s.bucket_count(0), per_shard - 1);
         // All of them are full again after 10 ms; the next new bucket prunes.
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(s.decide(&[req("last")], true).admitted);
+        assert!(s.decide(&[req(&names[per_shard - 1])], true).admitted);
         assert_eq!(s.bucket_count(0), 1);
+    }
+
+    /// Two rules whose buckets sit in different shards, decided from many
+    /// threads in both orders: exact admission, and no deadlock.
+    #[test]
+    fn decisions_across_shards_are_exact() {
+        let rule = |burst| RuleParams {
+            requests: Some(Gcra::of(Limit {
+                per_minute: 1,
+                capacity: burst,
+            })),
+            tokens: None,
+        };
+        let s = LocalStore::new(vec![rule(50), rule(1_000_000)]);
+        let key = "key-a".to_owned();
+        let models: Vec<String> = (0..)
+            .map(|i| format!("model-{i}"))
+            .filter(|m| LocalStore::shard_of(1, m) != LocalStore::shard_of(0, &key))
+            .take(8)
+            .collect();
+        let admitted = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for (t, model) in models.iter().enumerate() {
+                let (s, key, admitted) = (&s, &key, &admitted);
+                scope.spawn(move || {
+                    let charge = |rule, bucket: &str| Charge {
+                        rule,
+                        bucket: bucket.into(),
+                        kind: Kind::Requests,
+                        cost: 1,
+                    };
+                    for _ in 0..40 {
+                        let mut charges = vec![charge(0, key), charge(1, model)];
+                        if t % 2 == 1 {
+                            charges.reverse();
+                        }
+                        if s.decide(&charges, true).admitted {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 50, "the key's burst, exactly");
+    }
+
+    #[test]
+    fn buckets_spread_over_the_shards() {
+        let mut used = [0usize; SHARDS];
+        for i in 0..1600 {
+            used[LocalStore::shard_of(i % 3, &format!("key-{i}"))] += 1;
+        }
+        assert!(used.iter().all(|&n| (50..=150).contains(&n)), "{used:?}");
+        assert_eq!(LocalStore::shard_of(1, "a"), LocalStore::shard_of(1, "a"));
     }
 }
