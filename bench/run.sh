@@ -5,6 +5,8 @@
 #   bench/run.sh            # full run: about 100 s after the build
 #   bench/run.sh --quick    # about 40 s after the build
 #   bench/run.sh --no-build # use the release binaries already built
+#   bench/run.sh --ab OLD   # saturation only: OLD (another relaygate binary)
+#                           # and this build, alternating 5 times
 #
 # Core 1 runs the proxy under test (nginx or relaygate, `taskset -c 1`);
 # core 0 runs the load generator and the simulated upstream. Everything
@@ -16,13 +18,20 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BENCH="$ROOT/bench"
 QUICK=0
 BUILD=1
-for arg in "$@"; do
-  case "$arg" in
+AB_OLD=""
+while [ "$#" -gt 0 ]; do
+  case "$1" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "bench: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    --ab)
+      AB_OLD="${2:-}"
+      [ -x "$AB_OLD" ] || { echo "bench: --ab needs an executable relaygate binary" >&2; exit 2; }
+      shift
+      ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 if [ "$QUICK" = 1 ]; then
@@ -239,8 +248,8 @@ requests_per_minute = 100000000
 EOF
 }
 
-start_relaygate() { # -> RELAYGATE_ADDR, RELAYGATE_PID
-  taskset -c "$PROXY_CORE" "$BIN/relaygate" serve --config "$TMP/relaygate.toml" --listen 127.0.0.1:0 \
+start_relaygate() { # [BINARY] -> RELAYGATE_ADDR, RELAYGATE_PID
+  taskset -c "$PROXY_CORE" "${1:-$BIN/relaygate}" serve --config "$TMP/relaygate.toml" --listen 127.0.0.1:0 \
     </dev/null >"$TMP/relaygate.out" 2>>"$TMP/relaygate.log" &
   RELAYGATE_PID=$!
   PIDS+=("$RELAYGATE_PID")
@@ -323,6 +332,32 @@ FAST_ADDR="$SIM_ADDR"
 start_sim slow --chunks 3 --stall-after 0 # one event, then silence until killed
 SLOW_ADDR="$SIM_ADDR"
 write_relaygate_config
+
+if [ -n "$AB_OLD" ]; then
+  # Two relaygate binaries against the same simulator, alternating, so that
+  # the machine's drift hits both: saturation and each one's CPU time.
+  echo "relaygate A/B, $(date -u +%Y-%m-%dT%H:%M:%SZ): wrk -t1 -c$WRK_CONNS for $SAT_FOR, proxy on core $PROXY_CORE"
+  echo "old: $AB_OLD"
+  echo "new: $BIN/relaygate"
+  echo
+  echo "| round | binary | req/s | proxy CPU per request, µs |"
+  echo "|---|---|---|---|"
+  for round in 1 2 3 4 5; do
+    for which in old new; do
+      if [ "$which" = old ]; then start_relaygate "$AB_OLD"; else start_relaygate; fi
+      url="http://$RELAYGATE_ADDR/v1/chat/completions"
+      load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/post.lua" "$url" >/dev/null
+      before="$(python3 "$BENCH/bench.py" cpu "$RELAYGATE_PID")"
+      result="$(load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$TMP/post.lua" "$url" | sed -n 's/^WRKJSON //p')"
+      after="$(python3 "$BENCH/bench.py" cpu "$RELAYGATE_PID")"
+      python3 -c 'import json, sys; d = json.loads(sys.argv[1]); cpu = float(sys.argv[3]) - float(sys.argv[2])
+print("| %s | %s | %s | %.1f |" % (sys.argv[4], sys.argv[5], format(d["rps"], ",.0f"), cpu / d["requests"] * 1e6))' \
+        "$result" "$before" "$after" "$round" "$which"
+      stop "$RELAYGATE_PID"
+    done
+  done
+  exit 0
+fi
 
 measure direct "http://$FAST_ADDR/v1/chat/completions"
 
