@@ -45,10 +45,10 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
-use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 // tokio's clock, so that tests can move it (the idle sweep).
 use tokio::time::Instant;
 
@@ -64,19 +64,25 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// A connection's byte stream, plain or TLS, behind a pointer: hyper sizes
 /// every task it spawns for an HTTP/2 stream by its largest variant, the
 /// connection with its transport inline, and a TLS session inline is large.
+/// Each kind is boxed as itself, not as one plain-or-TLS enum, so that a
+/// plain connection holds 32 bytes here rather than a TLS session's 1 KiB
+/// (one per concurrent stream with HTTP/1.1).
 type Io = Box<dyn Transport>;
 
 trait Transport: hyper::rt::Read + hyper::rt::Write + Send + Unpin {
-    /// The ALPN protocol the server chose (TLS only).
+    /// Whether the server chose h2 by ALPN (TLS only).
     fn alpn_h2(&self) -> bool;
 }
 
-impl Transport for MaybeHttpsStream<TokioIo<TcpStream>> {
+impl Transport for TokioIo<TcpStream> {
     fn alpn_h2(&self) -> bool {
-        match self {
-            MaybeHttpsStream::Https(tls) => tls.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
-            MaybeHttpsStream::Http(_) => false,
-        }
+        false
+    }
+}
+
+impl Transport for TokioIo<TlsStream<TcpStream>> {
+    fn alpn_h2(&self) -> bool {
+        self.inner().get_ref().1.alpn_protocol() == Some(b"h2")
     }
 }
 type H1 = http1::SendRequest<Full<Bytes>>;
@@ -401,10 +407,10 @@ impl Inner {
                     // Small requests and SSE must not wait for Nagle's algorithm.
                     tcp.set_nodelay(true)?;
                     let Some((tls, name)) = &self.tls else {
-                        return Ok(Box::new(MaybeHttpsStream::Http(TokioIo::new(tcp))));
+                        return Ok(Box::new(TokioIo::new(tcp)));
                     };
-                    let stream = tls.connect(name.clone(), TokioIo::new(TokioIo::new(tcp))).await?;
-                    return Ok(Box::new(MaybeHttpsStream::Https(TokioIo::new(stream))));
+                    let stream = tls.connect(name.clone(), tcp).await?;
+                    return Ok(Box::new(TokioIo::new(stream)));
                 }
                 Err(e) => last = Some(e),
             }
