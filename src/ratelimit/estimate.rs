@@ -4,8 +4,10 @@
 //! replaces it with the real usage when the response (or the usage chunk of
 //! a stream) arrives.
 
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::Value;
 
 /// Bytes per token of English text and JSON for OpenAI-style BPE tokenizers
 /// (the usual rule of thumb; code and non-Latin scripts run denser, and
@@ -21,12 +23,12 @@ const INLINE_MEDIA_TOKENS: u64 = 765;
 /// (chat completions, completions, embeddings, responses).
 #[derive(Deserialize)]
 struct Body {
-    messages: Option<Value>,
-    prompt: Option<Value>,
-    input: Option<Value>,
-    instructions: Option<Value>,
-    tools: Option<Value>,
-    functions: Option<Value>,
+    messages: Option<Counted>,
+    prompt: Option<Counted>,
+    input: Option<Counted>,
+    instructions: Option<Counted>,
+    tools: Option<Counted>,
+    functions: Option<Counted>,
     max_completion_tokens: Option<u64>,
     max_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
@@ -54,18 +56,12 @@ pub fn estimate_tokens(body: &[u8], default_max_tokens: u64) -> u64 {
             .saturating_add(default_max_tokens);
     };
     let mut count = Count::default();
-    for v in [
-        &b.messages,
-        &b.prompt,
-        &b.input,
-        &b.instructions,
-        &b.tools,
-        &b.functions,
-    ]
-    .into_iter()
-    .flatten()
+    for c in [b.messages, b.prompt, b.input, b.instructions, b.tools, b.functions]
+        .into_iter()
+        .flatten()
     {
-        count.add(v);
+        count.bytes += c.0.bytes;
+        count.tokens += c.0.tokens;
     }
     let completion = b
         .max_completion_tokens
@@ -83,24 +79,108 @@ struct Count {
 }
 
 impl Count {
-    fn add(&mut self, v: &Value) {
-        match v {
-            Value::String(s) if s.starts_with("data:") => self.tokens += INLINE_MEDIA_TOKENS,
-            Value::String(s) => self.bytes += s.len() as u64,
-            Value::Number(_) => self.tokens += 1,
-            Value::Array(items) => items.iter().for_each(|i| self.add(i)),
-            Value::Object(fields) => {
-                for (k, v) in fields {
-                    self.bytes += k.len() as u64;
-                    self.add(v);
-                }
-            }
-            Value::Bool(_) | Value::Null => {}
-        }
-    }
-
     fn tokens(&self) -> u64 {
         self.bytes.div_ceil(BYTES_PER_TOKEN).saturating_add(self.tokens)
+    }
+}
+
+/// One prompt field, counted while it is parsed: the bytes of every string
+/// and key, one token per number, 765 per inline `data:` URL. Counting in
+/// serde's visitor rather than over a parsed `serde_json::Value` avoids an
+/// allocation per string, array and object, which was most of the cost.
+struct Counted(Count);
+
+impl<'de> Deserialize<'de> for Counted {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut count = Count::default();
+        Counter(&mut count).deserialize(d)?;
+        Ok(Counted(count))
+    }
+}
+
+struct Counter<'a>(&'a mut Count);
+
+impl<'de> DeserializeSeed<'de> for Counter<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Counter<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        if s.starts_with("data:") {
+            self.0.tokens += INLINE_MEDIA_TOKENS;
+        } else {
+            self.0.bytes += s.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.0.tokens += 1;
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        self.0.tokens += 1;
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        self.0.tokens += 1;
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Counter(self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(KeyLen)? {
+            self.0.bytes += key;
+            map.next_value_seed(Counter(self.0))?;
+        }
+        Ok(())
+    }
+}
+
+/// An object key's length, without allocating the key.
+struct KeyLen;
+
+impl<'de> DeserializeSeed<'de> for KeyLen {
+    type Value = u64;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyLen {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<u64, E> {
+        Ok(s.len() as u64)
     }
 }
 
@@ -119,6 +199,53 @@ mod tests {
         // max_completion_tokens wins over max_tokens.
         let body = br#"{"messages":[],"max_tokens":100,"max_completion_tokens":7}"#;
         assert_eq!(estimate_tokens(body, 1024), 7);
+    }
+
+    /// The counting visitor gives what counting a parsed `Value` gives (the
+    /// definition it replaced), on every JSON type and on escaped text.
+    #[test]
+    fn counting_while_parsing_matches_counting_a_value() {
+        fn reference(v: &serde_json::Value) -> Count {
+            fn add(c: &mut Count, v: &serde_json::Value) {
+                use serde_json::Value;
+                match v {
+                    Value::String(s) if s.starts_with("data:") => c.tokens += INLINE_MEDIA_TOKENS,
+                    Value::String(s) => c.bytes += s.len() as u64,
+                    Value::Number(_) => c.tokens += 1,
+                    Value::Array(items) => items.iter().for_each(|i| add(c, i)),
+                    Value::Object(fields) => fields.iter().for_each(|(k, v)| {
+                        c.bytes += k.len() as u64;
+                        add(c, v)
+                    }),
+                    Value::Bool(_) | Value::Null => {}
+                }
+            }
+            let mut c = Count::default();
+            add(&mut c, v);
+            c
+        }
+        for json in [
+            r#""plain""#,
+            r#""caf\u00e9 \"quoted\" \n tab\t""#,
+            r#""data:image/png;base64,AAAA""#,
+            r#"[1, -2, 3.5, 1e300, 18446744073709551616, true, false, null]"#,
+            r#"{"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:x"}}]}"#,
+            r#"[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"integer","minimum":0}}}}}]"#,
+            r#"{"k\u00e9y":[[[]]],"":{},"n":null}"#,
+            "[]",
+            "{}",
+            "null",
+        ] {
+            let counted: Counted = serde_json::from_str(json).unwrap();
+            let expected = reference(&serde_json::from_str(json).unwrap());
+            assert_eq!(
+                (counted.0.bytes, counted.0.tokens),
+                (expected.bytes, expected.tokens),
+                "{json}"
+            );
+        }
+        // Broken JSON inside a prompt field fails the whole body, as before.
+        assert_eq!(estimate_tokens(br#"{"messages":[{"a":1,}]}"#, 10), 6 + 10);
     }
 
     #[test]
