@@ -135,15 +135,24 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
             args.outage,
         ));
     }
-    if !args.no_traffic {
+    let traffic = (!args.no_traffic).then(|| {
         println!(
             "Driving {} requests/s (--no-traffic to stop it); one summary line per second:",
             args.rps
         );
-        tokio::spawn(traffic(base.clone(), args.rps.max(1), app.state().clone()));
-    }
+        tokio::spawn(traffic(base.clone(), args.rps.max(1), app.state().clone()))
+    });
     println!();
-    app.serve(listener, crate::cli::shutdown_signal())
+    // The demo's own client stops at the signal, before the gateway drains:
+    // what it sent during the drain would be refused, and its last summary
+    // line would count that as failures. Requests already sent finish.
+    let shutdown = async move {
+        crate::cli::shutdown_signal().await;
+        if let Some(traffic) = traffic {
+            traffic.abort();
+        }
+    };
+    app.serve(listener, shutdown)
         .await
         .map_err(|e| format!("server error: {e}"))?;
     drop(sims);

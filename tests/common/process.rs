@@ -69,6 +69,18 @@ impl Proc {
         Proc { child, url, stdout }
     }
 
+    /// The next line of stdout (without its newline), waiting up to 10 s.
+    pub async fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stdout.read_line(&mut line))
+            .await
+            .expect("relaygate prints a line")
+            .unwrap();
+        assert!(n > 0, "relaygate closed stdout");
+        line.truncate(line.trim_end().len());
+        line
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().unwrap().to_string();
         let status = std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
