@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::error::{GatewayError, TimeoutKind};
 use crate::observe::RequestRecord;
-use crate::usage::{self, Usage};
+use crate::usage::{self, Usage, USAGE_KEY};
 
 /// Longest single SSE event accepted. Chat chunks are hundreds of bytes; a
 /// megabyte without a blank line is a broken or hostile upstream.
@@ -143,7 +143,7 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
         if has_text(&CONTENT) || has_text(&TEXT) {
             info.content_events += 1;
         }
-        if USAGE.find(data).is_some() {
+        if USAGE_KEY.find(data).is_some() {
             if let Ok(Some(u)) = usage::from_json(data) {
                 info.usage = Some(u);
             }
@@ -154,8 +154,7 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
 
 // `memchr::memmem::find` builds its searcher on every call, which cost more
 // than the searches (about 10,000 instructions per streamed request); these
-// are built once.
-static USAGE: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"usage\""));
+// are built once (and `"usage"`'s in `usage`).
 static CONTENT: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"content\":\""));
 static TEXT: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"text\":\""));
 
@@ -273,7 +272,7 @@ fn event_ends(batch: &[u8]) -> impl Iterator<Item = usize> + '_ {
 /// chunk relaygate asked for on the client's behalf) from a batch of whole
 /// events. Every other byte is kept; a batch without one is returned as is.
 pub fn strip_usage_only(batch: Bytes) -> Bytes {
-    if USAGE.find(&batch).is_none() {
+    if USAGE_KEY.find(&batch).is_none() {
         return batch;
     }
     let mut kept = BytesMut::with_capacity(batch.len());
@@ -306,7 +305,7 @@ fn is_usage_only(event: &[u8]) -> bool {
     }
     lines(event).filter_map(|line| line.strip_prefix(b"data:")).any(|data| {
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        USAGE.find(data).is_some()
+        USAGE_KEY.find(data).is_some()
             && serde_json::from_slice::<Chunk>(data)
                 .is_ok_and(|c| c.usage.is_some() && c.choices.is_some_and(|v| v.is_empty()))
     })
