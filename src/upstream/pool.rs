@@ -13,8 +13,10 @@
 //!   connection goes back when its response body has been read to the end;
 //!   a body dropped earlier closes it (the rest of it is never read).
 //! - HTTP/2: each connection carries at most the server's
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS` requests; when all are full a new
-//!   one opens. Opening is serialised, so a burst at a cold pool opens one
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS` requests, and at most 1,024; when all
+//!   are full a new one opens. A connection's flow-control window is the
+//!   sum of its streams' (1 MiB each), so streams whose clients stopped
+//!   reading hold at most their own window and never stall the others. Opening is serialised, so a burst at a cold pool opens one
 //!   connection, not one per request. Until the server's SETTINGS arrive
 //!   (a round trip after the connection opens) a new connection is assumed
 //!   to take 100 streams, h2's default and the minimum RFC 9113
@@ -60,6 +62,19 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE: usize = 1024;
 /// How often the sweeper looks for expired connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// HTTP/2 flow control. A stream whose client stopped reading holds at most
+/// this much unread answer in relaygate (hyper's default is 2 MiB); 1 MiB
+/// per round trip still carries 20 MB/s at 50 ms.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// Streams per HTTP/2 connection at most, whatever the server allows. The
+/// connection's window is all of their stream windows (1 GiB; h2 allows
+/// 2 GiB), so streams that stop reading can never use it up and starve
+/// the others on the connection (with hyper's defaults, 2 MiB streams in a
+/// 5 MiB connection window, three did). It only bounds that credit: memory
+/// is bounded per stream. (A cap of 100 measured about 2 KiB more per open
+/// stream: eleven connections instead of one for 1,050 streams to a server
+/// without a limit.)
+const H2_MAX_STREAMS: usize = 1024;
 
 /// A connection's byte stream, plain or TLS, behind a pointer: hyper sizes
 /// every task it spawns for an HTTP/2 stream by its largest variant, the
@@ -371,6 +386,8 @@ impl Inner {
 
     async fn open_h2(&self, io: Io) -> Result<Conn, SendError> {
         let (tx, connection) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_STREAMS as u32)
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
@@ -379,7 +396,7 @@ impl Inner {
             .map_err(|e| SendError::Connect(e.into()))?;
         let streams = Arc::new(Streams {
             active: AtomicUsize::new(0),
-            max: AtomicUsize::new(connection.current_max_send_streams()),
+            max: AtomicUsize::new(connection.current_max_send_streams().min(H2_MAX_STREAMS)),
             idle_since: Mutex::new(Instant::now()),
         });
         tokio::spawn(H2Driver {
@@ -464,7 +481,7 @@ impl Future for H2Driver {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let done = self.connection.as_mut().poll(cx);
-        let max = self.connection.current_max_send_streams();
+        let max = self.connection.current_max_send_streams().min(H2_MAX_STREAMS);
         self.streams.max.store(max, Ordering::Release);
         match done {
             Poll::Ready(Err(e)) => {
@@ -637,6 +654,32 @@ mod tests {
         let sim = Sim::start_on(addr, "a", Faults::default()).await.unwrap();
         let response = pool.send(chat(&sim, false)).await.expect("sent on a new connection");
         assert_eq!(response.status(), 200);
+    }
+
+    /// Streams whose readers stopped reading (clients that went quiet) must
+    /// not starve the other streams of their HTTP/2 connection. With hyper's
+    /// default windows, 2 MiB per stream in a 5 MiB connection window, three
+    /// such streams took the whole connection window and every other request
+    /// on the connection got its headers and then no data at all.
+    #[tokio::test]
+    async fn stalled_http2_streams_do_not_starve_their_connection() {
+        // About 4 MB per stream, sent as fast as flow control lets it.
+        let faults = Faults {
+            chunks: 20_000,
+            ..Faults::default()
+        };
+        let sim = Sim::start("a", faults).await.unwrap();
+        let pool = pool(&sim, "2");
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            stalled.push(pool.send(chat(&sim, true)).await.unwrap());
+        }
+        assert_eq!(lock(&pool.inner.h2).len(), 1, "one connection carries them all");
+        let body = tokio::time::timeout(Duration::from_secs(60), round_trip(&pool, chat(&sim, true)))
+            .await
+            .expect("a stream starved behind the stalled ones");
+        assert!(body.ends_with(b"data: [DONE]\n\n"));
+        drop(stalled);
     }
 
     #[tokio::test]
