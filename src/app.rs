@@ -393,7 +393,9 @@ impl App {
         let state = self.state.clone();
         let signalled = Arc::new(Notify::new());
         let notify = signalled.clone();
-        let server = crate::server::serve(listener, self.service, crate::server::http1(), async move {
+        let send_timeout = self.state.runtime().config.server.send_timeout;
+        let protocol = crate::server::http1(send_timeout);
+        let server = crate::server::serve(listener, self.service, protocol, async move {
             shutdown.await;
             state.set_draining();
             tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");

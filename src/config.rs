@@ -192,6 +192,8 @@ struct RawServer {
     #[serde(deserialize_with = "duration")]
     shutdown_grace: Duration,
     max_in_flight: usize,
+    #[serde(deserialize_with = "duration")]
+    send_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -202,6 +204,7 @@ impl Default for RawServer {
             max_response_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             max_in_flight: 4096,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -380,6 +383,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Requests (streams included) served at once; over it, a fast 503.
     pub max_in_flight: usize,
+    /// How long a client may leave relaygate unable to write to it (its
+    /// receive window full) before its connection is closed.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -589,9 +595,13 @@ impl RawConfig {
             max_response_bytes: usize::try_from(self.server.max_response_bytes).unwrap_or(usize::MAX),
             shutdown_grace: self.server.shutdown_grace,
             max_in_flight: self.server.max_in_flight,
+            send_timeout: self.server.send_timeout,
         };
         if server.max_in_flight == 0 {
             return Err(ConfigError::at("server.max_in_flight", "must be at least 1"));
+        }
+        if server.send_timeout.is_zero() {
+            return Err(ConfigError::at("server.send_timeout", "must be greater than 0"));
         }
 
         let r = &self.retry;
@@ -1038,6 +1048,7 @@ targets = [{ upstream = "sim" }]
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(60));
         let u = &c.upstreams[0];
         assert_eq!(u.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(u.first_byte_timeout, Duration::from_secs(60));
@@ -1101,6 +1112,8 @@ targets = [{ upstream = "sim" }]
         assert!(e.starts_with("models[0].name: \"other\" is reserved"), "{e}");
         let e = err("[server]\nlisten = \"nowhere\"\n");
         assert!(e.starts_with("server.listen: invalid address"), "{e}");
+        let e = err(&format!("[server]\nsend_timeout = \"0s\"\n{MINIMAL}"));
+        assert_eq!(e, "server.send_timeout: must be greater than 0");
         let e = err("not toml = = 1");
         assert!(e.starts_with("invalid TOML"), "{e}");
         let with_version = |v: &str| MINIMAL.replace("api_key =", &format!("http_version = {v}\napi_key ="));

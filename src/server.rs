@@ -12,8 +12,14 @@
 //!   OpenAI SDKs do not use in cleartext;
 //! - lift hyper's limit of 200 concurrent HTTP/2 streams per connection (the
 //!   simulator stands in for an inference server holding thousands).
+//!
+//! The gateway's connections also give up on a client that stops reading
+//! (`SendTimeout`, below).
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -23,7 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
 
 /// How connections are served.
 pub enum Protocol {
@@ -31,7 +38,8 @@ pub enum Protocol {
     /// hyper-util's auto builder, even limited to HTTP/1.1, wraps every
     /// connection's reads in its preface-sniffing `Rewind` (1.3 % of the
     /// instructions per request).
-    Http1(hyper::server::conn::http1::Builder),
+    /// With the longest a write may wait for the client (`server.send_timeout`).
+    Http1(hyper::server::conn::http1::Builder, Duration),
     /// Whatever the builder allows: the simulator's HTTP/1.1 and h2c.
     Auto(Builder<TokioExecutor>),
 }
@@ -59,7 +67,8 @@ where
                     let _ = tcp.set_nodelay(true);
                     let io = TokioIo::new(tcp);
                     match &protocol {
-                        Protocol::Http1(builder) => {
+                        Protocol::Http1(builder, send_timeout) => {
+                            let io = SendTimeout::new(io, *send_timeout);
                             tokio::spawn(graceful.watch(builder.serve_connection(io, service.clone())));
                         }
                         Protocol::Auto(builder) => {
@@ -80,8 +89,8 @@ where
 }
 
 /// HTTP/1.1 only: what the gateway serves.
-pub fn http1() -> Protocol {
-    Protocol::Http1(hyper::server::conn::http1::Builder::new())
+pub fn http1(send_timeout: Duration) -> Protocol {
+    Protocol::Http1(hyper::server::conn::http1::Builder::new(), send_timeout)
 }
 
 /// HTTP/1.1 and HTTP/2 with prior knowledge (h2c), without a limit on
@@ -90,4 +99,87 @@ pub fn http1_and_h2c(max_streams: Option<u32>) -> Protocol {
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(max_streams);
     Protocol::Auto(builder)
+}
+
+/// A client connection that fails once a write has waited `timeout` for
+/// room in the socket: the client stopped reading and its receive window is
+/// full. hyper then closes the connection and drops the response, which
+/// releases what the request held (its upstream connection, in-flight slot
+/// and limits). Without it nothing did: hyper polls a response body only
+/// when it can write, so a stream's idle and request deadlines, checked as
+/// the body is polled, never fired for such a client. nginx's `send_timeout`
+/// is the same idea (and the same default, 60 s). The timer exists only
+/// while a write waits, so a connection that is not stalled holds 8 bytes.
+struct SendTimeout {
+    io: TokioIo<TcpStream>,
+    timeout: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl SendTimeout {
+    fn new(io: TokioIo<TcpStream>, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// Passes `poll` through; a `Pending` starts (or checks) the stall timer,
+    /// any progress stops it.
+    fn guard<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading (server.send_timeout)",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Read for SendTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for SendTimeout {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.guard(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.guard(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

@@ -621,3 +621,54 @@ async fn max_in_flight_sheds_the_excess() {
         1.0
     );
 }
+
+/// A client that stops reading a fast stream fills its socket; hyper then
+/// stops polling the response body, so the stream's own deadlines (checked
+/// as it is polled) never fire and the request held its upstream connection
+/// and in-flight slot for as long as the client kept the connection open.
+/// `server.send_timeout` closes such a connection.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    // About 40 MB of SSE as fast as it can be read.
+    let a = sim(Faults {
+        chunks: 200_000,
+        ..Faults::default()
+    })
+    .await;
+    let config = config_for(&[("a", &a)]).replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nsend_timeout = \"1s\"",
+    );
+    let gw = Gateway::start(&config, &[]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket
+        .connect(gw.url["http://".len()..].parse().unwrap())
+        .await
+        .unwrap();
+    let body = chat(true).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: relaygate\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stuck, request.as_bytes())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the stream starts", || async {
+        gw.metric("relaygate_in_flight_requests").await == 1.0
+    })
+    .await;
+    // Never read. The request deadline is 10 s; the slot must be free well
+    // before it, through the send timeout (1 s) alone.
+    eventually(Duration::from_secs(8), "the stalled client is cut off", || async {
+        gw.metric("relaygate_in_flight_requests").await == 0.0
+    })
+    .await;
+    assert_eq!(a.stats().requests, 1);
+    // A client that reads is served as before.
+    let small = sim(Faults::default()).await;
+    let gw2 = Gateway::with_sim(&small).await;
+    let body = read_all(post_chat(&gw2, &chat(true)).await).await;
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+}
