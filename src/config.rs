@@ -194,6 +194,8 @@ struct RawServer {
     max_in_flight: usize,
     #[serde(deserialize_with = "duration")]
     send_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    request_body_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -205,6 +207,7 @@ impl Default for RawServer {
             shutdown_grace: Duration::from_secs(30),
             max_in_flight: 4096,
             send_timeout: Duration::from_secs(60),
+            request_body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -386,6 +389,8 @@ pub struct ServerConfig {
     /// How long a client may leave relaygate unable to write to it (its
     /// receive window full) before its connection is closed.
     pub send_timeout: Duration,
+    /// How long the client may pause while sending its request body.
+    pub request_body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -596,12 +601,16 @@ impl RawConfig {
             shutdown_grace: self.server.shutdown_grace,
             max_in_flight: self.server.max_in_flight,
             send_timeout: self.server.send_timeout,
+            request_body_timeout: self.server.request_body_timeout,
         };
         if server.max_in_flight == 0 {
             return Err(ConfigError::at("server.max_in_flight", "must be at least 1"));
         }
         if server.send_timeout.is_zero() {
             return Err(ConfigError::at("server.send_timeout", "must be greater than 0"));
+        }
+        if server.request_body_timeout.is_zero() {
+            return Err(ConfigError::at("server.request_body_timeout", "must be greater than 0"));
         }
 
         let r = &self.retry;
@@ -1049,6 +1058,7 @@ targets = [{ upstream = "sim" }]
         assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.request_body_timeout, Duration::from_secs(60));
         let u = &c.upstreams[0];
         assert_eq!(u.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(u.first_byte_timeout, Duration::from_secs(60));

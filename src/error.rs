@@ -24,6 +24,8 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("Request body is larger than the limit of {limit} bytes.")]
     PayloadTooLarge { limit: usize },
+    #[error("The request body stopped arriving: nothing for {}.", humantime::format_duration(*after))]
+    RequestBodyTimeout { after: Duration },
     #[error("Unknown endpoint {method} {path}.")]
     NotFound { method: String, path: String },
     #[error("Could not connect to upstream '{upstream}'.")]
@@ -102,6 +104,7 @@ impl GatewayError {
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect { .. }
             | Self::UpstreamReset { .. }
             | Self::UpstreamMalformed { .. }
@@ -122,6 +125,7 @@ impl GatewayError {
             | Self::InvalidApiKey
             | Self::ModelNotFound(_)
             | Self::PayloadTooLarge { .. }
+            | Self::RequestBodyTimeout { .. }
             | Self::NotFound { .. } => "invalid_request_error",
             Self::UpstreamTimeout { .. } => "timeout_error",
             Self::UpstreamConnect { .. }
@@ -143,6 +147,7 @@ impl GatewayError {
             Self::MissingApiKey | Self::InvalidApiKey => "invalid_api_key",
             Self::ModelNotFound(_) => "model_not_found",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::RequestBodyTimeout { .. } => "request_body_timeout",
             Self::NotFound { .. } => "unknown_url",
             Self::UpstreamConnect { .. } => "upstream_connect_error",
             Self::UpstreamReset { .. } => "upstream_reset",
@@ -169,6 +174,7 @@ impl GatewayError {
             | Self::InvalidApiKey
             | Self::ModelNotFound(_)
             | Self::PayloadTooLarge { .. }
+            | Self::RequestBodyTimeout { .. }
             | Self::NotFound { .. } => Outcome::ClientError,
             Self::UpstreamTimeout { .. } => Outcome::Timeout,
             Self::UpstreamConnect { .. }

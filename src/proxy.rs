@@ -14,8 +14,10 @@
 //! The `RequestRecord` follows the request to its end (into the stream body
 //! for streams) and records metrics and the access log exactly once.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::Request;
@@ -142,12 +144,18 @@ async fn run(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    let body = Limited::new(body, limit)
+    // A client that stops sending its body must not hold the request (and
+    // its in-flight slot) forever: at most `request_body_timeout` between
+    // two pieces of it, as nginx's `client_body_timeout`.
+    let pause = runtime.config.server.request_body_timeout;
+    let body = Limited::new(PausedBody::new(body, pause), limit)
         .collect()
         .await
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 GatewayError::PayloadTooLarge { limit }
+            } else if e.downcast_ref::<BodyPaused>().is_some() {
+                GatewayError::RequestBodyTimeout { after: pause }
             } else {
                 GatewayError::InvalidRequest("The request body could not be read.".into())
             }
@@ -270,5 +278,59 @@ async fn run(
                 upstream: upstream_label,
             })
         }
+    }
+}
+
+/// The client's request body, failing when the client pauses longer than
+/// `server.request_body_timeout` between two pieces of it. Written here
+/// rather than tower-http's `TimeoutBody`, which arms its timer before it
+/// polls the body, i.e. on every request; a body already in hyper's buffer,
+/// the usual case, never waits and never needs one (`server::Stall`).
+struct PausedBody<B> {
+    body: B,
+    stall: crate::server::Stall,
+}
+
+impl<B> PausedBody<B> {
+    fn new(body: B, pause: Duration) -> Self {
+        Self {
+            body,
+            stall: crate::server::Stall::new(pause),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the client paused its request body for longer than server.request_body_timeout")]
+struct BodyPaused;
+
+impl<B> hyper::body::Body for PausedBody<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            self.stall.progress();
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.stall.poll_expired(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyPaused)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }

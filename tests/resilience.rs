@@ -672,3 +672,57 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     let body = read_all(post_chat(&gw2, &chat(true)).await).await;
     assert!(body.ends_with(b"data: [DONE]\n\n"));
 }
+
+/// A client that stops sending its request body gets a 408 after
+/// `server.request_body_timeout` instead of holding its in-flight slot for
+/// as long as it keeps the connection; a shorter pause is fine.
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = sim(Faults::default()).await;
+    let config = config_for(&[("a", &a)]).replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nrequest_body_timeout = \"500ms\"",
+    );
+    let gw = Gateway::start(&config, &[]).await;
+    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    let body = chat(false).to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: relaygate\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+
+    // Half the body, then a pause shorter than the limit, then the rest: 200.
+    let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ok.write_all(head.as_bytes()).await.unwrap();
+    ok.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ok.write_all(rest).await.unwrap();
+    let mut answer = String::new();
+    ok.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Half the body and nothing more: 408 in about the limit, not never.
+    let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stuck.write_all(head.as_bytes()).await.unwrap();
+    stuck.write_all(first).await.unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stuck.read_to_string(&mut answer))
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let json: Value = serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(json["error"]["code"], "request_body_timeout");
+    assert_eq!(json["error"]["type"], "invalid_request_error");
+    assert_eq!(gw.metric("relaygate_in_flight_requests").await, 0.0);
+    assert_eq!(a.stats().requests, 1, "only the complete request went upstream");
+}
