@@ -37,8 +37,7 @@ pub enum Protocol {
     /// HTTP/1.1 on hyper's own connection: what the gateway serves.
     /// hyper-util's auto builder, even limited to HTTP/1.1, wraps every
     /// connection's reads in its preface-sniffing `Rewind` (1.3 % of the
-    /// instructions per request).
-    /// With the longest a write may wait for the client (`server.send_timeout`).
+    /// instructions per request). The duration is `server.send_timeout`.
     Http1(hyper::server::conn::http1::Builder, Duration),
     /// Whatever the builder allows: the simulator's HTTP/1.1 and h2c.
     Auto(Builder<TokioExecutor>),

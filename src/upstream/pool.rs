@@ -16,7 +16,8 @@
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS` requests, and at most 1,024; when all
 //!   are full a new one opens. A connection's flow-control window is the
 //!   sum of its streams' (1 MiB each), so streams whose clients stopped
-//!   reading hold at most their own window and never stall the others. Opening is serialised, so a burst at a cold pool opens one
+//!   reading hold at most their own window and never stall the others.
+//!   Opening is serialised, so a burst at a cold pool opens one
 //!   connection, not one per request. Until the server's SETTINGS arrive
 //!   (a round trip after the connection opens) a new connection is assumed
 //!   to take 100 streams, h2's default and the minimum RFC 9113
