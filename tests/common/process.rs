@@ -53,20 +53,18 @@ impl Proc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let url = loop {
-            line.clear();
-            let n = tokio::time::timeout(Duration::from_secs(10), stdout.read_line(&mut line))
-                .await
-                .expect("relaygate prints its address")
-                .unwrap();
-            assert!(n > 0, "relaygate exited before listening");
-            if let Some(url) = line.trim().strip_prefix("relaygate listening on ") {
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut proc = Proc {
+            child,
+            url: String::new(),
+            stdout,
+        };
+        proc.url = loop {
+            if let Some(url) = proc.next_line().await.strip_prefix("relaygate listening on ") {
                 break url.to_owned();
             }
         };
-        Proc { child, url, stdout }
+        proc
     }
 
     /// The next line of stdout (without its newline), waiting up to 10 s.
