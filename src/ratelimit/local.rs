@@ -248,24 +248,23 @@ impl LocalStore {
         (h % SHARDS as u64) as usize
     }
 
-    /// Locks the shards of `buckets` (in index order) and sets their clocks
-    /// to now, read under the locks so each shard's clock only moves forward.
-    fn lock<'a>(&'a self, buckets: impl Iterator<Item = (usize, &'a str)> + Clone) -> (Locked<'a>, u64) {
+    /// Locks `shards` (in index order) and sets their clocks to now, read
+    /// under the locks so each shard's clock only moves forward.
+    fn lock(&self, shards: &[usize]) -> (Locked<'_>, u64) {
         // A panic while holding a lock leaves consistent atomics behind.
         let lock = |s: usize| self.shards[s].state.lock().unwrap_or_else(|p| p.into_inner());
         let now = || {
             let now = Instant::now().saturating_duration_since(self.origin).as_nanos();
             u64::try_from(now).unwrap_or(u64::MAX)
         };
-        let shards = buckets.map(|(rule, bucket)| Self::shard_of(rule, bucket));
-        let first = shards.clone().next().unwrap_or(0);
-        if shards.clone().all(|s| s == first) {
+        let first = shards.first().copied().unwrap_or(0);
+        if shards.iter().all(|&s| s == first) {
             let guard = lock(first);
             let now = now();
             self.shards[first].clock.0.store(now, Ordering::Release);
             return (Locked::One(guard), now);
         }
-        let mut order: Vec<usize> = shards.collect();
+        let mut order = shards.to_vec();
         order.sort_unstable();
         order.dedup();
         let guards: Vec<_> = order.iter().map(|&s| (s, lock(s))).collect();
@@ -279,9 +278,10 @@ impl LocalStore {
     /// Decides `charges` all or nothing. With `commit == false` only reads
     /// (the levels, and whether all would be admitted).
     pub fn decide(&self, charges: &[Charge], commit: bool) -> Outcome {
-        let (mut locked, now) = self.lock(charges.iter().map(|c| (c.rule, c.bucket.as_str())));
-        for c in charges {
-            let shard = Self::shard_of(c.rule, &c.bucket);
+        // Each bucket's shard, hashed once per decision.
+        let shards: Vec<usize> = charges.iter().map(|c| Self::shard_of(c.rule, &c.bucket)).collect();
+        let (mut locked, now) = self.lock(&shards);
+        for (c, &shard) in charges.iter().zip(&shards) {
             let Some(gcra) = self.params[c.rule].get(c.kind) else {
                 continue;
             };
@@ -301,8 +301,9 @@ impl LocalStore {
         }
         let cells: Vec<&Cell> = charges
             .iter()
-            .filter_map(|c| {
-                locked.get(Self::shard_of(c.rule, &c.bucket)).buckets[c.rule]
+            .zip(&shards)
+            .filter_map(|(c, &shard)| {
+                locked.get(shard).buckets[c.rule]
                     .get(&c.bucket)
                     .and_then(|b| b.cell(c.kind))
             })
@@ -340,8 +341,8 @@ impl LocalStore {
             }
         };
         drop(cells);
-        for c in charges {
-            Self::prune(locked.state(Self::shard_of(c.rule, &c.bucket)), c.rule, now);
+        for (c, &shard) in charges.iter().zip(&shards) {
+            Self::prune(locked.state(shard), c.rule, now);
         }
         outcome
     }
@@ -353,7 +354,7 @@ impl LocalStore {
                 continue;
             };
             let shard = Self::shard_of(rule, bucket);
-            let (mut locked, now) = self.lock(std::iter::once((rule, bucket)));
+            let (mut locked, now) = self.lock(&[shard]);
             let buckets = &mut locked.state(shard).buckets[rule];
             if delta > 0 {
                 let b = buckets.entry(bucket.to_owned()).or_default();
