@@ -215,24 +215,22 @@ async fn completions_embeddings_and_models() {
     let sim = Sim::start("a", Faults::default()).await.unwrap();
     let gw = Gateway::with_sim(&sim).await;
     let c = client();
-    let r = c
-        .post(gw.v1("/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .json(&json!({ "model": "deepseek-chat", "prompt": "Say hi" }))
-        .send()
-        .await
-        .unwrap();
+    let r = post_v1(
+        &gw,
+        "/completions",
+        &json!({ "model": "deepseek-chat", "prompt": "Say hi" }),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["object"], "text_completion");
     assert_eq!(sim.last_request().unwrap().path, "/v1/completions");
 
-    let r = c
-        .post(gw.v1("/embeddings"))
-        .bearer_auth(CLIENT_KEY)
-        .json(&json!({ "model": "deepseek-chat", "input": ["a", "b"] }))
-        .send()
-        .await
-        .unwrap();
+    let r = post_v1(
+        &gw,
+        "/embeddings",
+        &json!({ "model": "deepseek-chat", "input": ["a", "b"] }),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["data"].as_array().unwrap().len(), 2);
     assert_eq!(sim.last_request().unwrap().path, "/v1/embeddings");
@@ -344,21 +342,9 @@ async fn unknown_paths_are_openai_shaped_404s() {
     let resp = client().get(gw.v1("/chat/completions")).send().await.unwrap();
     expect_error(resp, 404, "unknown_url").await;
     // Only the exact paths are proxied; a query string does not matter.
-    let resp = client()
-        .post(gw.v1("/chat/completions/"))
-        .bearer_auth(CLIENT_KEY)
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_v1(&gw, "/chat/completions/", &chat(false)).await;
     expect_error(resp, 404, "unknown_url").await;
-    let resp = client()
-        .post(gw.v1("/chat/completions?x=1"))
-        .bearer_auth(CLIENT_KEY)
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_v1(&gw, "/chat/completions?x=1", &chat(false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.stats().requests, 1);
 }
@@ -823,16 +809,9 @@ async fn a_thousand_random_model_names_add_no_series() {
     let gw = Gateway::with_sim(&sim).await;
     post_chat(&gw, &json!({ "model": "warm-up", "messages": [] })).await;
     let before = gw.metrics().await.lines().filter(|l| !l.starts_with('#')).count();
-    let c = client();
     for i in 0..1000 {
         let body = json!({ "model": format!("random-{i}-{}", fastrand::u64(..)), "messages": [] });
-        let r = c
-            .post(gw.v1("/chat/completions"))
-            .bearer_auth(CLIENT_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = post_chat(&gw, &body).await;
         assert_eq!(r.status(), 404);
     }
     let text = gw.metrics().await;

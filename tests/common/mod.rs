@@ -154,8 +154,13 @@ pub fn chat(stream: bool) -> Value {
 }
 
 pub async fn post_chat(gw: &Gateway, body: &Value) -> reqwest::Response {
+    post_v1(gw, "/chat/completions", body).await
+}
+
+/// `POST /v1{path}` with the client key and a JSON body.
+pub async fn post_v1(gw: &Gateway, path: &str, body: &Value) -> reqwest::Response {
     client()
-        .post(gw.v1("/chat/completions"))
+        .post(gw.v1(path))
         .bearer_auth(CLIENT_KEY)
         .json(body)
         .send()
