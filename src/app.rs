@@ -393,8 +393,8 @@ impl App {
         let state = self.state.clone();
         let signalled = Arc::new(Notify::new());
         let notify = signalled.clone();
-        let send_timeout = self.state.runtime().config.server.send_timeout;
-        let protocol = crate::server::http1(send_timeout);
+        let limits = crate::server::ClientLimits::new(&self.state.runtime().config.server, self.state.metrics());
+        let protocol = crate::server::http1(limits);
         let server = crate::server::serve(listener, self.service, protocol, async move {
             shutdown.await;
             state.set_draining();

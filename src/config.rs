@@ -196,6 +196,10 @@ struct RawServer {
     send_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     request_body_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    header_read_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    keepalive_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -208,6 +212,8 @@ impl Default for RawServer {
             max_in_flight: 4096,
             send_timeout: Duration::from_secs(60),
             request_body_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
         }
     }
 }
@@ -391,6 +397,11 @@ pub struct ServerConfig {
     pub send_timeout: Duration,
     /// How long the client may pause while sending its request body.
     pub request_body_timeout: Duration,
+    /// How long a request head may take to arrive, from the first wait for
+    /// it (a new connection's first request included).
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may stay idle between requests.
+    pub keepalive_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -602,15 +613,21 @@ impl RawConfig {
             max_in_flight: self.server.max_in_flight,
             send_timeout: self.server.send_timeout,
             request_body_timeout: self.server.request_body_timeout,
+            header_read_timeout: self.server.header_read_timeout,
+            keepalive_timeout: self.server.keepalive_timeout,
         };
         if server.max_in_flight == 0 {
             return Err(ConfigError::at("server.max_in_flight", "must be at least 1"));
         }
-        if server.send_timeout.is_zero() {
-            return Err(ConfigError::at("server.send_timeout", "must be greater than 0"));
-        }
-        if server.request_body_timeout.is_zero() {
-            return Err(ConfigError::at("server.request_body_timeout", "must be greater than 0"));
+        for (key, timeout) in [
+            ("server.send_timeout", server.send_timeout),
+            ("server.request_body_timeout", server.request_body_timeout),
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.keepalive_timeout", server.keepalive_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(ConfigError::at(key, "must be greater than 0"));
+            }
         }
 
         let r = &self.retry;
@@ -1059,6 +1076,8 @@ targets = [{ upstream = "sim" }]
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.server.send_timeout, Duration::from_secs(60));
         assert_eq!(c.server.request_body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.keepalive_timeout, Duration::from_secs(75));
         let u = &c.upstreams[0];
         assert_eq!(u.base_url, "http://127.0.0.1:9/v1");
         assert_eq!(u.first_byte_timeout, Duration::from_secs(60));
@@ -1122,8 +1141,15 @@ targets = [{ upstream = "sim" }]
         assert!(e.starts_with("models[0].name: \"other\" is reserved"), "{e}");
         let e = err("[server]\nlisten = \"nowhere\"\n");
         assert!(e.starts_with("server.listen: invalid address"), "{e}");
-        let e = err(&format!("[server]\nsend_timeout = \"0s\"\n{MINIMAL}"));
-        assert_eq!(e, "server.send_timeout: must be greater than 0");
+        for key in [
+            "send_timeout",
+            "request_body_timeout",
+            "header_read_timeout",
+            "keepalive_timeout",
+        ] {
+            let e = err(&format!("[server]\n{key} = \"0s\"\n{MINIMAL}"));
+            assert_eq!(e, format!("server.{key}: must be greater than 0"));
+        }
         let e = err("not toml = = 1");
         assert!(e.starts_with("invalid TOML"), "{e}");
         let with_version = |v: &str| MINIMAL.replace("api_key =", &format!("http_version = {v}\napi_key ="));

@@ -26,6 +26,10 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("The request body stopped arriving: nothing for {}.", humantime::format_duration(*after))]
     RequestBodyTimeout { after: Duration },
+    /// Written by the connection itself (`server::ClientIo`): hyper has no
+    /// request to answer yet.
+    #[error("The request head did not arrive within {}.", humantime::format_duration(*after))]
+    RequestHeaderTimeout { after: Duration },
     #[error("Unknown endpoint {method} {path}.")]
     NotFound { method: String, path: String },
     #[error("Could not connect to upstream '{upstream}'.")]
@@ -104,7 +108,7 @@ impl GatewayError {
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::RequestBodyTimeout { .. } | Self::RequestHeaderTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamConnect { .. }
             | Self::UpstreamReset { .. }
             | Self::UpstreamMalformed { .. }
@@ -126,6 +130,7 @@ impl GatewayError {
             | Self::ModelNotFound(_)
             | Self::PayloadTooLarge { .. }
             | Self::RequestBodyTimeout { .. }
+            | Self::RequestHeaderTimeout { .. }
             | Self::NotFound { .. } => "invalid_request_error",
             Self::UpstreamTimeout { .. } => "timeout_error",
             Self::UpstreamConnect { .. }
@@ -148,6 +153,7 @@ impl GatewayError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::RequestBodyTimeout { .. } => "request_body_timeout",
+            Self::RequestHeaderTimeout { .. } => "request_header_timeout",
             Self::NotFound { .. } => "unknown_url",
             Self::UpstreamConnect { .. } => "upstream_connect_error",
             Self::UpstreamReset { .. } => "upstream_reset",
@@ -175,6 +181,7 @@ impl GatewayError {
             | Self::ModelNotFound(_)
             | Self::PayloadTooLarge { .. }
             | Self::RequestBodyTimeout { .. }
+            | Self::RequestHeaderTimeout { .. }
             | Self::NotFound { .. } => Outcome::ClientError,
             Self::UpstreamTimeout { .. } => Outcome::Timeout,
             Self::UpstreamConnect { .. }

@@ -178,6 +178,8 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     pub circuit_transitions: IntCounterVec,
     pub ledger_dropped: IntCounter,
+    pub client_connections: IntGauge,
+    pub client_timeouts: IntCounterVec,
     pub shadow_requests: IntCounterVec,
     pub shadow_duration: HistogramVec,
     pub shadow_ttft: HistogramVec,
@@ -363,6 +365,17 @@ impl Metrics {
                 "relaygate_ledger_dropped_total",
                 "Usage ledger lines dropped: the writer fell behind, a write failed, or the line came after shutdown.",
             )),
+            client_connections: reg(r, IntGauge::new(
+                "relaygate_client_connections",
+                "Open client connections, idle keep-alive connections included.",
+            )),
+            client_timeouts: reg(r, IntCounterVec::new(
+                Opts::new(
+                    "relaygate_client_timeouts_total",
+                    "Client connections closed by a server timeout: header, keepalive or send.",
+                ),
+                &["kind"],
+            )),
             shadow_requests: reg(r, IntCounterVec::new(
                 Opts::new("relaygate_shadow_requests_total", "Shadow (mirrored) requests, by model, shadow upstream and outcome."),
                 &["model", "upstream", "outcome"],
@@ -394,6 +407,9 @@ impl Metrics {
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for result in ["success", "error"] {
             m.config_reloads.with_label_values(&[result]);
+        }
+        for kind in crate::server::TIMEOUT_KINDS {
+            m.client_timeouts.with_label_values(&[kind]);
         }
         #[cfg(target_os = "linux")]
         {

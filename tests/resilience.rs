@@ -34,6 +34,11 @@ fn with_extra(base: &str, extra: &str) -> String {
     format!("{}{extra}\n{}", &base[..at], &base[at..])
 }
 
+/// `config` with more `[server]` keys (`lines`, newline-separated).
+fn with_server_keys(config: &str, lines: &str) -> String {
+    config.replace("shutdown_grace = \"5s\"", &format!("shutdown_grace = \"5s\"\n{lines}"))
+}
+
 async fn sim(faults: Faults) -> Sim {
     Sim::start("sim", faults).await.unwrap()
 }
@@ -554,9 +559,8 @@ async fn load_shedding_answers_503_overloaded_fast() {
         ..Faults::default()
     };
     let (a, b) = (sim(slow.clone()).await, sim(slow).await);
-    let config = pair(&a, &b, "")
+    let config = with_server_keys(&pair(&a, &b, ""), "max_in_flight = 3")
         .replace("idle_timeout = \"500ms\"", "idle_timeout = \"30s\"")
-        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"5s\"\nmax_in_flight = 3")
         .replace(
             "connect_timeout = \"1s\"",
             "connect_timeout = \"1s\"\nmax_concurrency = 1",
@@ -590,9 +594,8 @@ async fn max_in_flight_sheds_the_excess() {
         ..Faults::default()
     })
     .await;
-    let config = config_for(&[("a", &a)])
-        .replace("idle_timeout = \"500ms\"", "idle_timeout = \"30s\"")
-        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"5s\"\nmax_in_flight = 2");
+    let config = with_server_keys(&config_for(&[("a", &a)]), "max_in_flight = 2")
+        .replace("idle_timeout = \"500ms\"", "idle_timeout = \"30s\"");
     let gw = Gateway::start(&config, &[]).await;
     let mut open = Vec::new();
     for _ in 0..2 {
@@ -635,10 +638,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         ..Faults::default()
     })
     .await;
-    let config = config_for(&[("a", &a)]).replace(
-        "shutdown_grace = \"5s\"",
-        "shutdown_grace = \"5s\"\nsend_timeout = \"1s\"",
-    );
+    let config = with_server_keys(&config_for(&[("a", &a)]), "send_timeout = \"1s\"");
     let gw = Gateway::start(&config, &[]).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -647,11 +647,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         .await
         .unwrap();
     let body = chat(true).to_string();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: relaygate\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = raw_chat_head(body.len(), "") + &body;
     tokio::io::AsyncWriteExt::write_all(&mut stuck, request.as_bytes())
         .await
         .unwrap();
@@ -665,6 +661,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         gw.metric("relaygate_in_flight_requests").await == 0.0
     })
     .await;
+    assert_eq!(gw.metric(r#"relaygate_client_timeouts_total{kind="send"}"#).await, 1.0);
     assert_eq!(a.stats().requests, 1);
     // A client that reads is served as before.
     let small = sim(Faults::default()).await;
@@ -680,18 +677,11 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
 async fn a_request_body_that_stops_arriving_gets_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = sim(Faults::default()).await;
-    let config = config_for(&[("a", &a)]).replace(
-        "shutdown_grace = \"5s\"",
-        "shutdown_grace = \"5s\"\nrequest_body_timeout = \"500ms\"",
-    );
+    let config = with_server_keys(&config_for(&[("a", &a)]), "request_body_timeout = \"500ms\"");
     let gw = Gateway::start(&config, &[]).await;
     let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
     let body = chat(false).to_string();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: relaygate\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
+    let head = raw_chat_head(body.len(), "connection: close\r\n");
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
 
     // Half the body, then a pause shorter than the limit, then the rest: 200.
@@ -725,4 +715,183 @@ async fn a_request_body_that_stops_arriving_gets_408() {
     assert_eq!(json["error"]["type"], "invalid_request_error");
     assert_eq!(gw.metric("relaygate_in_flight_requests").await, 0.0);
     assert_eq!(a.stats().requests, 1, "only the complete request went upstream");
+}
+
+/// `server.header_read_timeout`: a request head that does not arrive in time
+/// gets a 408 in OpenAI's shape. The time counts from the first wait and is
+/// not restarted by each byte, so a client trickling its head gains nothing;
+/// a connection that sends nothing is closed without an answer.
+#[tokio::test]
+async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
+    use tokio::io::AsyncWriteExt;
+    let a = sim(Faults::default()).await;
+    let config = with_server_keys(&config_for(&[("a", &a)]), "header_read_timeout = \"300ms\"");
+    let gw = Gateway::start(&config, &[]).await;
+    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+
+    // Half a head, then one more header line every 50 ms for up to 10 s.
+    let started = Instant::now();
+    let (mut reader, mut writer) = tokio::net::TcpStream::connect(addr).await.unwrap().into_split();
+    writer
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: relaygate\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if writer.write_all(b"x-padding: 1\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(8), read_to_close(&mut reader))
+        .await
+        .expect("a 408 and a close while the head trickles in, not after");
+    let elapsed = started.elapsed();
+    trickle.abort();
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    let json: Value = serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(json["error"]["code"], "request_header_timeout");
+    assert_eq!(json["error"]["type"], "invalid_request_error");
+    assert!(json["error"]["message"].as_str().unwrap().contains("300ms"), "{json}");
+
+    // Nothing at all: closed, and nothing written.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut silent))
+        .await
+        .expect("a close, not a hang");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+
+    assert_eq!(
+        gw.metric(r#"relaygate_client_timeouts_total{kind="header"}"#).await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric(r#"relaygate_client_timeouts_total{kind="keepalive"}"#).await,
+        0.0
+    );
+    assert_eq!(a.stats().requests, 0);
+    // A client that sends its request at once is served.
+    assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
+}
+
+/// The read timeouts never cut a request that is being answered, however
+/// long the answer takes (hyper keeps reading the socket meanwhile, to see a
+/// client leave). Between requests the connection is idle, and closes after
+/// `server.keepalive_timeout`, not after the shorter header timeout.
+#[tokio::test]
+async fn keep_alive_connections_close_when_idle_but_not_while_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Headers after 400 ms, then six events 200 ms apart: each stream takes
+    // longer than the header timeout.
+    let a = sim(Faults {
+        header_delay: Duration::from_millis(400),
+        chunks: 6,
+        chunk_interval: Duration::from_millis(200),
+        ..Faults::default()
+    })
+    .await;
+    let config = with_server_keys(
+        &config_for(&[("a", &a)]),
+        "header_read_timeout = \"300ms\"\nkeepalive_timeout = \"1500ms\"",
+    );
+    let gw = Gateway::start(&config, &[]).await;
+    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = chat(true).to_string();
+    // Two streams, one after the other on the one connection.
+    for _ in 0..2 {
+        conn.write_all((raw_chat_head(body.len(), "") + &body).as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+                .await
+                .expect("the stream goes on")
+                .unwrap();
+            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 "));
+        assert_eq!(content_chunks(&answer), 6);
+        assert!(data_lines(&answer).iter().any(|l| l == "[DONE]"));
+    }
+    let idle = Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut conn))
+        .await
+        .expect("an idle connection is closed");
+    let idle = idle.elapsed();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        idle >= Duration::from_millis(1000),
+        "closed after {idle:?}: the keep-alive limit is 1.5 s, the header limit 300 ms"
+    );
+    assert_eq!(a.stats().requests, 2);
+    assert_eq!(
+        gw.metric(r#"relaygate_client_timeouts_total{kind="keepalive"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric(r#"relaygate_client_timeouts_total{kind="header"}"#).await,
+        0.0
+    );
+    // Only the scrape's own connection is left.
+    eventually(Duration::from_secs(5), "closed connections leave the gauge", || async {
+        gw.metric("relaygate_client_connections").await == 1.0
+    })
+    .await;
+}
+
+/// The keep-alive time counts from the last answer: a connection used again
+/// before its timeout gets the whole timeout again from that answer.
+#[tokio::test]
+async fn keep_alive_counts_from_the_last_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = sim(Faults::default()).await;
+    let config = with_server_keys(&config_for(&[("a", &a)]), "keepalive_timeout = \"1500ms\"");
+    let gw = Gateway::start(&config, &[]).await;
+    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = chat(false).to_string();
+    let request = raw_chat_head(body.len(), "") + &body;
+    let mut answered = Instant::now();
+    for pause in [Duration::ZERO, Duration::from_millis(1000)] {
+        // Idle for less than the timeout between the two requests.
+        tokio::time::sleep(pause).await;
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.ends_with(b"}") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200 "),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        answered = Instant::now();
+    }
+    let rest = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut conn))
+        .await
+        .expect("an idle connection is closed");
+    let idle = answered.elapsed();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    // 1.5 s from the second answer; 0.5 s if counted from the first.
+    assert!(
+        idle >= Duration::from_millis(1000),
+        "closed {idle:?} after the last answer"
+    );
+    assert_eq!(a.stats().requests, 2);
 }

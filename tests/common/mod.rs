@@ -168,6 +168,30 @@ pub async fn post_v1(gw: &Gateway, path: &str, body: &Value) -> reqwest::Respons
         .unwrap()
 }
 
+/// The head of a raw HTTP/1.1 `POST /v1/chat/completions` with the client
+/// key, for tests that drive the socket themselves; `extra` is more header
+/// lines, each ending in CRLF.
+pub fn raw_chat_head(body_len: usize, extra: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: relaygate\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {body_len}\r\n{extra}\r\n"
+    )
+}
+
+/// Everything a raw connection receives until the peer closes it (or resets
+/// it, after which what came before is still returned).
+pub async fn read_to_close(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return received,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// What one request of a concurrent batch saw (its body read to the end).
 pub struct Sent {
     pub status: u16,
