@@ -50,6 +50,8 @@ COUNTERS_AND_GAUGES = {
     "relaygate_shadow_tokens_total",
     "relaygate_shadow_cost_usd_total",
     "relaygate_shadow_dropped_total",
+    "relaygate_client_connections",
+    "relaygate_client_timeouts_total",
 }
 HISTOGRAMS = {
     "relaygate_request_duration_seconds",
@@ -65,7 +67,8 @@ CONTRACT = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket",
 
 # The config keys relaygate accepts today (unknown keys are rejected).
 CONFIG_KEYS = {
-    "server": {"listen", "max_body_bytes", "max_response_bytes", "shutdown_grace", "max_in_flight"},
+    "server": {"listen", "max_body_bytes", "max_response_bytes", "shutdown_grace", "max_in_flight",
+               "send_timeout", "request_body_timeout", "header_read_timeout", "keepalive_timeout"},
     "admin": {"key"},
     "upstreams": {"name", "base_url", "api_key", "connect_timeout", "first_byte_timeout",
                   "idle_timeout", "request_timeout", "max_concurrency", "circuit_breaker"},
