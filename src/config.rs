@@ -619,16 +619,12 @@ impl RawConfig {
         if server.max_in_flight == 0 {
             return Err(ConfigError::at("server.max_in_flight", "must be at least 1"));
         }
-        for (key, timeout) in [
+        all_positive([
             ("server.send_timeout", server.send_timeout),
             ("server.request_body_timeout", server.request_body_timeout),
             ("server.header_read_timeout", server.header_read_timeout),
             ("server.keepalive_timeout", server.keepalive_timeout),
-        ] {
-            if timeout.is_zero() {
-                return Err(ConfigError::at(key, "must be greater than 0"));
-            }
-        }
+        ])?;
 
         let r = &self.retry;
         if r.max_attempts == 0 {
@@ -683,16 +679,15 @@ impl RawConfig {
                 ));
             }
             let base_url = validate_base_url(&at("base_url"), &u.base_url)?;
-            for (key, d) in [
-                ("connect_timeout", u.connect_timeout),
-                ("first_byte_timeout", u.first_byte_timeout),
-                ("idle_timeout", u.idle_timeout),
-                ("request_timeout", u.request_timeout),
-            ] {
-                if d.is_zero() {
-                    return Err(ConfigError::at(&at(key), "must be greater than 0"));
-                }
-            }
+            all_positive(
+                [
+                    ("connect_timeout", u.connect_timeout),
+                    ("first_byte_timeout", u.first_byte_timeout),
+                    ("idle_timeout", u.idle_timeout),
+                    ("request_timeout", u.request_timeout),
+                ]
+                .map(|(key, d)| (at(key), d)),
+            )?;
             if u.first_byte_timeout > u.request_timeout {
                 return Err(ConfigError::at(
                     &at("first_byte_timeout"),
@@ -934,6 +929,16 @@ fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
             format!("invalid name {name:?} (1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 - _ . : /)"),
         ))
     }
+}
+
+/// Every duration greater than zero, or an error at the first key that is not.
+fn all_positive<K: AsRef<str>>(durations: impl IntoIterator<Item = (K, Duration)>) -> Result<(), ConfigError> {
+    for (key, d) in durations {
+        if d.is_zero() {
+            return Err(ConfigError::at(key.as_ref(), "must be greater than 0"));
+        }
+    }
+    Ok(())
 }
 
 fn validate_base_url(path: &str, url: &str) -> Result<String, ConfigError> {

@@ -661,7 +661,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         gw.metric("relaygate_in_flight_requests").await == 0.0
     })
     .await;
-    assert_eq!(gw.metric(r#"relaygate_client_timeouts_total{kind="send"}"#).await, 1.0);
+    assert_eq!(client_timeouts(&gw).await, ["send"]);
     assert_eq!(a.stats().requests, 1);
     // A client that reads is served as before.
     let small = sim(Faults::default()).await;
@@ -676,10 +676,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
 #[tokio::test]
 async fn a_request_body_that_stops_arriving_gets_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let a = sim(Faults::default()).await;
-    let config = with_server_keys(&config_for(&[("a", &a)]), "request_body_timeout = \"500ms\"");
-    let gw = Gateway::start(&config, &[]).await;
-    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    let (a, gw, addr) = raw_gateway(Faults::default(), "request_body_timeout = \"500ms\"").await;
     let body = chat(false).to_string();
     let head = raw_chat_head(body.len(), "connection: close\r\n");
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
@@ -724,10 +721,7 @@ async fn a_request_body_that_stops_arriving_gets_408() {
 #[tokio::test]
 async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
     use tokio::io::AsyncWriteExt;
-    let a = sim(Faults::default()).await;
-    let config = with_server_keys(&config_for(&[("a", &a)]), "header_read_timeout = \"300ms\"");
-    let gw = Gateway::start(&config, &[]).await;
-    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    let (a, gw, addr) = raw_gateway(Faults::default(), "header_read_timeout = \"300ms\"").await;
 
     // Half a head, then one more header line every 50 ms for up to 10 s.
     let started = Instant::now();
@@ -762,19 +756,9 @@ async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
 
     // Nothing at all: closed, and nothing written.
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut silent))
-        .await
-        .expect("a close, not a hang");
-    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    closed_without_a_word(&mut silent, Instant::now()).await;
 
-    assert_eq!(
-        gw.metric(r#"relaygate_client_timeouts_total{kind="header"}"#).await,
-        2.0
-    );
-    assert_eq!(
-        gw.metric(r#"relaygate_client_timeouts_total{kind="keepalive"}"#).await,
-        0.0
-    );
+    assert_eq!(client_timeouts(&gw).await, ["header"; 2]);
     assert_eq!(a.stats().requests, 0);
     // A client that sends its request at once is served.
     assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
@@ -786,22 +770,20 @@ async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
 /// `server.keepalive_timeout`, not after the shorter header timeout.
 #[tokio::test]
 async fn keep_alive_connections_close_when_idle_but_not_while_answering() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // Headers after 400 ms, then six events 200 ms apart: each stream takes
     // longer than the header timeout.
-    let a = sim(Faults {
+    let faults = Faults {
         header_delay: Duration::from_millis(400),
         chunks: 6,
         chunk_interval: Duration::from_millis(200),
         ..Faults::default()
-    })
-    .await;
-    let config = with_server_keys(
-        &config_for(&[("a", &a)]),
+    };
+    let (a, gw, addr) = raw_gateway(
+        faults,
         "header_read_timeout = \"300ms\"\nkeepalive_timeout = \"1500ms\"",
-    );
-    let gw = Gateway::start(&config, &[]).await;
-    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    )
+    .await;
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = chat(true).to_string();
     // Two streams, one after the other on the one connection.
@@ -809,39 +791,19 @@ async fn keep_alive_connections_close_when_idle_but_not_while_answering() {
         conn.write_all((raw_chat_head(body.len(), "") + &body).as_bytes())
             .await
             .unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !answer.ends_with(b"0\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-                .await
-                .expect("the stream goes on")
-                .unwrap();
-            assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buf[..n]);
-        }
+        // A chunked answer ends with an empty chunk.
+        let answer = read_answer(&mut conn, b"0\r\n\r\n").await;
         assert!(answer.starts_with(b"HTTP/1.1 200 "));
         assert_eq!(content_chunks(&answer), 6);
         assert!(data_lines(&answer).iter().any(|l| l == "[DONE]"));
     }
-    let idle = Instant::now();
-    let rest = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut conn))
-        .await
-        .expect("an idle connection is closed");
-    let idle = idle.elapsed();
-    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let idle = closed_without_a_word(&mut conn, Instant::now()).await;
     assert!(
         idle >= Duration::from_millis(1000),
         "closed after {idle:?}: the keep-alive limit is 1.5 s, the header limit 300 ms"
     );
     assert_eq!(a.stats().requests, 2);
-    assert_eq!(
-        gw.metric(r#"relaygate_client_timeouts_total{kind="keepalive"}"#).await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(r#"relaygate_client_timeouts_total{kind="header"}"#).await,
-        0.0
-    );
+    assert_eq!(client_timeouts(&gw).await, ["keepalive"]);
     // Only the scrape's own connection is left.
     eventually(Duration::from_secs(5), "closed connections leave the gauge", || async {
         gw.metric("relaygate_client_connections").await == 1.0
@@ -853,11 +815,8 @@ async fn keep_alive_connections_close_when_idle_but_not_while_answering() {
 /// before its timeout gets the whole timeout again from that answer.
 #[tokio::test]
 async fn keep_alive_counts_from_the_last_answer() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let a = sim(Faults::default()).await;
-    let config = with_server_keys(&config_for(&[("a", &a)]), "keepalive_timeout = \"1500ms\"");
-    let gw = Gateway::start(&config, &[]).await;
-    let addr: std::net::SocketAddr = gw.url["http://".len()..].parse().unwrap();
+    use tokio::io::AsyncWriteExt;
+    let (a, gw, addr) = raw_gateway(Faults::default(), "keepalive_timeout = \"1500ms\"").await;
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = chat(false).to_string();
     let request = raw_chat_head(body.len(), "") + &body;
@@ -866,16 +825,7 @@ async fn keep_alive_counts_from_the_last_answer() {
         // Idle for less than the timeout between the two requests.
         tokio::time::sleep(pause).await;
         conn.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !answer.ends_with(b"}") {
-            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buf[..n]);
-        }
+        let answer = read_answer(&mut conn, b"}").await;
         assert!(
             answer.starts_with(b"HTTP/1.1 200 "),
             "{}",
@@ -883,15 +833,60 @@ async fn keep_alive_counts_from_the_last_answer() {
         );
         answered = Instant::now();
     }
-    let rest = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut conn))
-        .await
-        .expect("an idle connection is closed");
-    let idle = answered.elapsed();
-    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let idle = closed_without_a_word(&mut conn, answered).await;
     // 1.5 s from the second answer; 0.5 s if counted from the first.
     assert!(
         idle >= Duration::from_millis(1000),
         "closed {idle:?} after the last answer"
     );
     assert_eq!(a.stats().requests, 2);
+    assert_eq!(client_timeouts(&gw).await, ["keepalive"]);
+}
+
+/// Waits (10 s at most) for the gateway to close an idle connection, which
+/// must send nothing first; returns the time from `since` to the close.
+async fn closed_without_a_word(conn: &mut tokio::net::TcpStream, since: Instant) -> Duration {
+    let rest = tokio::time::timeout(Duration::from_secs(10), read_to_close(conn))
+        .await
+        .expect("an idle connection is closed");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    since.elapsed()
+}
+
+/// Reads one answer from a raw connection: until what came ends with `end`
+/// (10 s at most per read, and the connection must stay open).
+async fn read_answer(conn: &mut tokio::net::TcpStream, end: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(end) {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the answer goes on")
+            .unwrap();
+        assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    answer
+}
+
+/// A gateway in front of one simulator with `faults`, with more `[server]`
+/// keys, and its address for raw connections.
+async fn raw_gateway(faults: Faults, server_keys: &str) -> (Sim, Gateway, std::net::SocketAddr) {
+    let a = sim(faults).await;
+    let gw = Gateway::start(&with_server_keys(&config_for(&[("a", &a)]), server_keys), &[]).await;
+    let addr = gw.url["http://".len()..].parse().unwrap();
+    (a, gw, addr)
+}
+
+/// `relaygate_client_timeouts_total` as a list of kinds, each as many times
+/// as it was counted.
+async fn client_timeouts(gw: &Gateway) -> Vec<&'static str> {
+    let text = gw.metrics().await;
+    let mut kinds = Vec::new();
+    for kind in ["header", "keepalive", "send"] {
+        let n = metric_value(&text, &format!("relaygate_client_timeouts_total{{kind=\"{kind}\"}}"));
+        kinds.extend(std::iter::repeat_n(kind, n as usize));
+    }
+    kinds
 }
