@@ -397,10 +397,10 @@ pub struct ServerConfig {
     pub send_timeout: Duration,
     /// How long the client may pause while sending its request body.
     pub request_body_timeout: Duration,
-    /// How long a request head may take to arrive, from the first wait for
-    /// it (a new connection's first request included).
+    /// How long a request head may take to arrive once it has begun.
     pub header_read_timeout: Duration,
-    /// How long a keep-alive connection may stay idle between requests.
+    /// How long a connection may stay idle: after an answer, or since it
+    /// was opened.
     pub keepalive_timeout: Duration,
 }
 

@@ -15,7 +15,7 @@
 //!
 //! The gateway's connections also have the timeouts hyper's builder offers
 //! only with a timer armed for every request (`ClientIo`, below): a request
-//! head must arrive within `server.header_read_timeout`, an idle keep-alive
+//! head must arrive within `server.header_read_timeout` once begun, an idle
 //! connection closes after `server.keepalive_timeout`, and a client that
 //! stops reading is cut off after `server.send_timeout`.
 
@@ -187,15 +187,15 @@ impl ClientLimits {
 /// deadlines.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Accepted, nothing read yet: `header_read`, then a silent close.
-    Fresh,
-    /// Part of a request head read: `header_read` from the first wait, not
-    /// restarted by each byte (a client trickling its head gains nothing),
-    /// then a 408.
-    Head,
-    /// An answer was written and nothing of the next request read:
-    /// `keepalive`, then a silent close.
+    /// Nothing of the next request read, since the connection was accepted
+    /// or since its last answer: `keepalive`, then a silent close. A new
+    /// connection counts as idle (as in Envoy; nginx gives it the header
+    /// timeout), so that a client's pre-opened connection is not cut short.
     Idle,
+    /// Part of a request head read: `header_read` from the first wait after
+    /// it began, not restarted by each byte (a client trickling its head
+    /// gains nothing), then a 408.
+    Head,
 }
 
 /// A gateway client connection with its timeouts.
@@ -218,7 +218,7 @@ struct ClientIo {
     limits: Arc<ClientLimits>,
     busy: Arc<AtomicUsize>,
     phase: Phase,
-    /// In `Fresh` and `Head`: the timer holds the head's deadline.
+    /// In `Head`: the timer holds the head's deadline.
     head_deadline_set: bool,
     /// In `Idle`: since when.
     idle_since: Instant,
@@ -237,7 +237,7 @@ impl ClientIo {
             send: Stall::new(limits.send),
             limits,
             busy,
-            phase: Phase::Fresh,
+            phase: Phase::Idle,
             head_deadline_set: false,
             idle_since: Instant::now(),
             timer: None,
@@ -311,21 +311,18 @@ impl ClientIo {
     /// the client has no answer left to read). hyper then closes the
     /// connection on the error.
     fn read_timed_out(&mut self, cx: &mut Context<'_>) -> io::Error {
-        let (closed, what) = match self.phase {
-            Phase::Idle => (
-                Closed::Keepalive,
-                "the keep-alive connection was idle (server.keepalive_timeout)",
-            ),
-            Phase::Fresh | Phase::Head => (
-                Closed::Header,
-                "the request head did not arrive (server.header_read_timeout)",
-            ),
+        let what = match self.phase {
+            Phase::Idle => {
+                self.limits.count(Closed::Keepalive);
+                "the connection was idle (server.keepalive_timeout)"
+            }
+            Phase::Head => {
+                self.limits.count(Closed::Header);
+                let answer = header_timeout_answer(self.limits.header_read);
+                let _ = hyper::rt::Write::poll_write(Pin::new(&mut self.io), cx, &answer);
+                "the request head did not arrive (server.header_read_timeout)"
+            }
         };
-        self.limits.count(closed);
-        if self.phase == Phase::Head {
-            let answer = header_timeout_answer(self.limits.header_read);
-            let _ = hyper::rt::Write::poll_write(Pin::new(&mut self.io), cx, &answer);
-        }
         tracing::debug!("closing a client connection: {what}");
         io::Error::new(io::ErrorKind::TimedOut, what)
     }
@@ -382,9 +379,12 @@ impl hyper::rt::Read for ClientIo {
                 Poll::Ready(Err(this.read_timed_out(cx)))
             }
             // Bytes (or the end of the stream, after which hyper closes):
-            // a head has begun. A deadline set while `Fresh` keeps running.
+            // a head has begun.
             Poll::Ready(Ok(())) => {
-                this.phase = Phase::Head;
+                if this.phase == Phase::Idle {
+                    this.phase = Phase::Head;
+                    this.head_deadline_set = false;
+                }
                 poll
             }
             Poll::Ready(Err(_)) => poll,
