@@ -17,7 +17,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::extract::Request;
@@ -316,14 +316,12 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, Self::Error>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
-            self.stall.progress();
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        match self.stall.poll_expired(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyPaused)))),
-            Poll::Pending => Poll::Pending,
-        }
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        Poll::Ready(match ready!(this.stall.watch(cx, frame)) {
+            Some(frame) => frame.map(|f| f.map_err(Into::into)),
+            None => Some(Err(Box::new(BodyPaused))),
+        })
     }
 
     fn is_end_stream(&self) -> bool {

@@ -127,18 +127,21 @@ impl Stall {
         Self { limit, timer: None }
     }
 
-    /// The wait ended (data moved).
-    pub(crate) fn progress(&mut self) {
-        self.timer = None;
-    }
-
-    /// Still waiting: ready once `limit` has passed since the wait began.
-    pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Watches one poll of what may stall: once it is ready the wait has
+    /// ended and its value comes back (`Some`); while it is pending, `None`
+    /// once `limit` has passed since the wait began.
+    pub(crate) fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<T>) -> Poll<Option<T>> {
+        if let Poll::Ready(value) = poll {
+            self.timer = None;
+            return Poll::Ready(Some(value));
+        }
         let limit = self.limit;
-        self.timer
+        ready!(self
+            .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
             .as_mut()
-            .poll(cx)
+            .poll(cx));
+        Poll::Ready(None)
     }
 }
 
@@ -328,13 +331,11 @@ impl ClientIo {
     }
 
     fn guard_write<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if poll.is_ready() {
-            self.send.progress();
+        if let Some(written) = ready!(self.send.watch(cx, poll)) {
             self.wrote = true;
             self.after_write(cx);
-            return poll;
+            return Poll::Ready(written);
         }
-        ready!(self.send.poll_expired(cx));
         self.limits.count(Closed::Send);
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,

@@ -397,7 +397,7 @@ impl Inner {
             .map_err(|e| SendError::Connect(e.into()))?;
         let streams = Arc::new(Streams {
             active: AtomicUsize::new(0),
-            max: AtomicUsize::new(connection.current_max_send_streams().min(H2_MAX_STREAMS)),
+            max: AtomicUsize::new(max_streams(&connection)),
             idle_since: Mutex::new(Instant::now()),
         });
         tokio::spawn(H2Driver {
@@ -477,12 +477,17 @@ struct H2Driver {
 
 type H2Connection = http2::Connection<Io, Full<Bytes>, TokioExecutor>;
 
+/// The streams a connection may carry now: the server's limit, at most ours.
+fn max_streams(connection: &H2Connection) -> usize {
+    connection.current_max_send_streams().min(H2_MAX_STREAMS)
+}
+
 impl Future for H2Driver {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let done = self.connection.as_mut().poll(cx);
-        let max = self.connection.current_max_send_streams().min(H2_MAX_STREAMS);
+        let max = max_streams(&self.connection);
         self.streams.max.store(max, Ordering::Release);
         match done {
             Poll::Ready(Err(e)) => {
