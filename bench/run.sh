@@ -302,19 +302,23 @@ print(json.dumps({
 }))'
 }
 
+saturate() { # URL [PIDS] -> wrk's JSON on stdout, with proxy_cpu_s: the PIDS' CPU time over the run
+  local url="$1" pids="${2:-}" cpu_before=0 cpu_after=0 raw
+  [ -n "$pids" ] && cpu_before="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
+  raw="$(load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$TMP/post.lua" "$url" | sed -n 's/^WRKJSON //p')"
+  [ -n "$pids" ] && cpu_after="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
+  python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["proxy_cpu_s"] = float(sys.argv[3]) - float(sys.argv[2]); print(json.dumps(d))' \
+    "$raw" "$cpu_before" "$cpu_after"
+}
+
 measure() { # NAME URL [PIDS]: fixed-rate latency, saturation (and the PIDS' CPU time), streaming TTFB
-  local name="$1" url="$2" pids="${3:-}" cpu_before=0 cpu_after=0
+  local name="$1" url="$2" pids="${3:-}"
   echo "bench: $name: warm-up, oha at $RATE req/s for $RATE_FOR, wrk for $SAT_FOR, TTFB x$TTFB_SAMPLES" >&2
   load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/post.lua" "$url" >/dev/null
   load oha --no-tui --output-format json -z "$RATE_FOR" -q "$RATE" --latency-correction -c "$OHA_CONNS" \
     -m POST -H "Authorization: Bearer $BENCH_KEY" -H 'Content-Type: application/json' -d "$BODY" "$url" \
     | oha_json_to_result >"$RESULTS/oha-$name.json"
-  [ -n "$pids" ] && cpu_before="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
-  load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$TMP/post.lua" "$url" \
-    | sed -n 's/^WRKJSON //p' >"$RESULTS/wrk-$name.raw"
-  [ -n "$pids" ] && cpu_after="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
-  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["proxy_cpu_s"] = float(sys.argv[3]) - float(sys.argv[2]); print(json.dumps(d))' \
-    "$RESULTS/wrk-$name.raw" "$cpu_before" "$cpu_after" >"$RESULTS/wrk-$name.json"
+  saturate "$url" "$pids" >"$RESULTS/wrk-$name.json"
   load python3 "$BENCH/bench.py" ttfb --url "$url" --samples "$TTFB_SAMPLES" >"$RESULTS/ttfb-$name.json"
 }
 
@@ -347,12 +351,9 @@ if [ -n "$AB_OLD" ]; then
       if [ "$which" = old ]; then start_relaygate "$AB_OLD"; else start_relaygate; fi
       url="http://$RELAYGATE_ADDR/v1/chat/completions"
       load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/post.lua" "$url" >/dev/null
-      before="$(python3 "$BENCH/bench.py" cpu "$RELAYGATE_PID")"
-      result="$(load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$TMP/post.lua" "$url" | sed -n 's/^WRKJSON //p')"
-      after="$(python3 "$BENCH/bench.py" cpu "$RELAYGATE_PID")"
-      python3 -c 'import json, sys; d = json.loads(sys.argv[1]); cpu = float(sys.argv[3]) - float(sys.argv[2])
-print("| %s | %s | %s | %.1f |" % (sys.argv[4], sys.argv[5], format(d["rps"], ",.0f"), cpu / d["requests"] * 1e6))' \
-        "$result" "$before" "$after" "$round" "$which"
+      python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",.0f"), d["proxy_cpu_s"] / d["requests"] * 1e6))' \
+        "$(saturate "$url" "$RELAYGATE_PID")" "$round" "$which"
       stop "$RELAYGATE_PID"
     done
   done
