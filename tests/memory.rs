@@ -19,7 +19,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, Gateway, CLIENT_KEY};
+use common::{eventually, raw_chat_head, Gateway, CLIENT_KEY};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -59,7 +59,7 @@ async fn a_thousand_open_streams_stay_under_64_kib_each() {
     let (mut sim, sim_url) = start_sim().await;
     let gw = Gateway::start(&config(&sim_url, streams + WARM_STREAMS + 100), &[]).await;
     let addr = gw.url.trim_start_matches("http://").to_owned();
-    let request: Arc<[u8]> = stream_request(&addr).into();
+    let request: Arc<[u8]> = stream_request().into();
 
     // Warm up: plain requests (they do not stall), then a few held streams.
     for _ in 0..20 {
@@ -174,14 +174,9 @@ async fn release(sim: &mut Child) {
     stdin.flush().await.unwrap();
 }
 
-fn stream_request(host: &str) -> Vec<u8> {
+fn stream_request() -> Vec<u8> {
     let body = r#"{"model":"deepseek-chat","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
-    format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {CLIENT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    (raw_chat_head(body.len(), "") + body).into_bytes()
 }
 
 /// Opens `n` streams, each returned once its first SSE event has arrived,
