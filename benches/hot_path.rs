@@ -18,11 +18,11 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::{FutureExt, StreamExt};
 use relaygate::config::BreakerConfig;
-use relaygate::layers::circuit::Breaker;
-use relaygate::metrics::{ErrorType, Metrics, ModelMetrics, Outcome, UpstreamMetrics};
 use relaygate::ratelimit::{self, Limiter, RawRule};
 use relaygate::request::{self, Endpoint};
-use relaygate::streaming::{self, BodyError, SseReader};
+use relaygate::sse::{self, BodyError, SseReader};
+use relaygate::stack::circuit::Breaker;
+use relaygate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, Outcome, UpstreamMetrics};
 use relaygate::usage;
 
 /// One streamed chat chunk, shaped like DeepSeek's and OpenAI's (~230 bytes).
@@ -93,13 +93,13 @@ fn sse(c: &mut Criterion) {
     // The boundary scan itself, on a batch ending in a complete event.
     let batch: Vec<u8> = events.iter().flat_map(|e| e.to_vec()).collect();
     g.bench_function("last_event_end/16_events", |b| {
-        b.iter(|| streaming::last_event_end(black_box(&batch), black_box(0)))
+        b.iter(|| sse::last_event_end(black_box(&batch), black_box(0)))
     });
     // Worst case: 16 KiB of one unfinished event, scanned from the start.
     let partial = vec![b'x'; 16 * 1024];
     g.throughput(Throughput::Bytes(partial.len() as u64));
     g.bench_function("last_event_end/16KiB_no_boundary", |b| {
-        b.iter(|| streaming::last_event_end(black_box(&partial), black_box(0)))
+        b.iter(|| sse::last_event_end(black_box(&partial), black_box(0)))
     });
     g.finish();
 }
@@ -125,10 +125,10 @@ fn usage_extraction(c: &mut Criterion) {
     let mut g = c.benchmark_group("usage");
     let content = content_event(3);
     g.bench_function("inspect/content_event", |b| {
-        b.iter(|| streaming::inspect(black_box(content.as_bytes())))
+        b.iter(|| sse::inspect(black_box(content.as_bytes())))
     });
     g.bench_function("inspect/usage_and_done", |b| {
-        b.iter(|| streaming::inspect(black_box(USAGE_AND_DONE.as_bytes())))
+        b.iter(|| sse::inspect(black_box(USAGE_AND_DONE.as_bytes())))
     });
     let body = completion_body();
     g.bench_function("from_json/chat_completion", |b| {

@@ -19,17 +19,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower::retry::budget::TpsBudget;
 
-use crate::auth::ClientKeys;
 use crate::config::{Config, UpstreamConfig};
-use crate::layers::circuit::Breaker;
-use crate::ledger::Ledger;
-use crate::metrics::{Metrics, ModelMetrics};
-use crate::observe::Sinks;
-use crate::otel::Exporter;
+use crate::gateway::auth::ClientKeys;
+use crate::gateway::record::Sinks;
 use crate::ratelimit::Limiter;
 use crate::shadow::Comparison;
+use crate::stack::circuit::Breaker;
+use crate::telemetry::ledger::Ledger;
+use crate::telemetry::metrics::{Metrics, ModelMetrics};
+use crate::telemetry::otel::Exporter;
+use crate::telemetry::window::Window;
 use crate::upstream::{Upstream, UpstreamState};
-use crate::window::Window;
 
 /// Everything derived from one config.
 pub struct Runtime {
@@ -105,7 +105,7 @@ impl Runtime {
         let budgets = config
             .models
             .iter()
-            .map(|_| crate::layers::budget(&config.retry))
+            .map(|_| crate::stack::budget(&config.retry))
             .collect();
         let models = config
             .models
@@ -258,7 +258,7 @@ impl AppState {
 /// ready to serve.
 pub struct App {
     state: AppState,
-    service: crate::routes::Service,
+    service: crate::edge::routes::Service,
 }
 
 /// Builds the gateway for a validated config. Tests call this directly.
@@ -310,7 +310,7 @@ pub async fn build_app(config: Config) -> Result<App, BuildError> {
             limiter,
         }),
     };
-    let service = crate::routes::service(state.clone());
+    let service = crate::edge::routes::service(state.clone());
     Ok(App { state, service })
 }
 
@@ -375,7 +375,7 @@ impl App {
         self
     }
 
-    pub fn service(&self) -> crate::routes::Service {
+    pub fn service(&self) -> crate::edge::routes::Service {
         self.service.clone()
     }
 
@@ -393,9 +393,9 @@ impl App {
         let state = self.state.clone();
         let signalled = Arc::new(Notify::new());
         let notify = signalled.clone();
-        let limits = crate::server::ClientLimits::new(&self.state.runtime().config.server, self.state.metrics());
-        let protocol = crate::server::http1(limits);
-        let server = crate::server::serve(listener, self.service, protocol, async move {
+        let limits = crate::edge::server::ClientLimits::new(&self.state.runtime().config.server, self.state.metrics());
+        let protocol = crate::edge::server::http1(limits);
+        let server = crate::edge::server::serve(listener, self.service, protocol, async move {
             shutdown.await;
             state.set_draining();
             tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");

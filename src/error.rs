@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 use serde::Serialize;
 
-use crate::metrics::Outcome;
+use crate::telemetry::metrics::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {

@@ -135,14 +135,14 @@ impl Sim {
     }
 
     pub async fn start_on(addr: SocketAddr, name: &str, faults: Faults) -> io::Result<Sim> {
-        Self::serve_on(addr, name, faults, crate::server::http1_and_h2c(None)).await
+        Self::serve_on(addr, name, faults, crate::edge::server::http1_and_h2c(None)).await
     }
 
     /// A simulator whose HTTP/2 connections take at most `max_streams`
     /// concurrent streams (`SETTINGS_MAX_CONCURRENT_STREAMS`), like most
     /// real servers (100-256), for the client pool's tests.
     pub async fn start_h2_limited(name: &str, faults: Faults, max_streams: u32) -> io::Result<Sim> {
-        let protocol = crate::server::http1_and_h2c(Some(max_streams));
+        let protocol = crate::edge::server::http1_and_h2c(Some(max_streams));
         Self::serve_on("127.0.0.1:0".parse().expect("valid address"), name, faults, protocol).await
     }
 
@@ -150,7 +150,7 @@ impl Sim {
         addr: SocketAddr,
         name: &str,
         faults: Faults,
-        protocol: crate::server::Protocol,
+        protocol: crate::edge::server::Protocol,
     ) -> io::Result<Sim> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -174,7 +174,7 @@ impl Sim {
             .route("/v1/models", get(models))
             .with_state(inner.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(crate::server::serve(listener, router, protocol, async move {
+        tokio::spawn(crate::edge::server::serve(listener, router, protocol, async move {
             let _ = stopped.await;
         }));
         Ok(Sim {

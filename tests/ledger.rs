@@ -1,5 +1,5 @@
-//! The usage ledger: the bounded writer (`relaygate::ledger`) and the
-//! `relaygate usage` report (`relaygate::usage_report`).
+//! The usage ledger: the bounded writer (`relaygate::telemetry::ledger`) and the
+//! `relaygate usage` report (`relaygate::cmd::usage`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use prometheus::IntCounter;
-use relaygate::ledger::{format_time, Ledger, LedgerLine};
-use relaygate::usage_report::{report, GroupBy, UsageArgs};
+use relaygate::cmd::usage::{report, GroupBy, UsageArgs};
+use relaygate::telemetry::ledger::{format_time, Ledger, LedgerLine};
 use serde_json::Value;
 
 fn temp_dir() -> PathBuf {

@@ -155,7 +155,7 @@ async fn the_injected_usage_chunk_is_stripped_and_nothing_else() {
         !String::from_utf8_lossy(&client_bytes).contains("\"usage\""),
         "and not shown to the client"
     );
-    let expected = relaygate::streaming::strip_usage_only(upstream_bytes.clone().into());
+    let expected = relaygate::sse::strip_usage_only(upstream_bytes.clone().into());
     assert_eq!(
         String::from_utf8_lossy(&client_bytes),
         String::from_utf8_lossy(&expected)
@@ -319,13 +319,13 @@ async fn ledger_lines_match_requests_one_to_one_after_a_burst_and_shutdown() {
     assert_eq!(cut["outcome"], "upstream_error");
 
     // `relaygate usage` reads it back.
-    let args = relaygate::usage_report::UsageArgs {
+    let args = relaygate::cmd::usage::UsageArgs {
         ledger: ledger.clone(),
         since: None,
-        by: relaygate::usage_report::GroupBy::Model,
+        by: relaygate::cmd::usage::GroupBy::Model,
         include_shadow: false,
     };
-    let report = relaygate::usage_report::report(&args, std::time::SystemTime::now()).unwrap();
+    let report = relaygate::cmd::usage::report(&args, std::time::SystemTime::now()).unwrap();
     assert!(report.contains("deepseek-chat") && report.contains("TOTAL"), "{report}");
 }
 

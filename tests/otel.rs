@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use relaygate::otel::{new_span_id, AttemptSpan, Exporter, ExporterOptions, RequestSpan, TraceContext};
+use relaygate::telemetry::otel::{new_span_id, AttemptSpan, Exporter, ExporterOptions, RequestSpan, TraceContext};
 use serde_json::{json, Value};
 
 const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -408,7 +408,9 @@ struct WarnCounter(Arc<AtomicUsize>);
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCounter {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if *event.metadata().level() == tracing::Level::WARN && event.metadata().target() == "relaygate::otel" {
+        if *event.metadata().level() == tracing::Level::WARN
+            && event.metadata().target() == "relaygate::telemetry::otel"
+        {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }

@@ -212,7 +212,7 @@ async fn a_502_before_the_first_stream_byte_is_retried_cleanly() {
     assert_eq!(content_chunks(&body), 5);
     assert!(body.ends_with(b"data: [DONE]\n\n"));
     // b's stream exactly, less the usage chunk relaygate asked for itself.
-    let expected = relaygate::streaming::strip_usage_only(b.last_stream_bytes().into());
+    let expected = relaygate::sse::strip_usage_only(b.last_stream_bytes().into());
     assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&expected));
 }
 

@@ -20,12 +20,12 @@ use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, TimeoutKind};
-use crate::layers::circuit::Breaker;
-use crate::metrics::{ErrorType, Metrics, UpstreamMetrics};
 use crate::request::Endpoint;
-use crate::streaming::{BodyError, ReadError, SseReader};
+use crate::sse::{BodyError, ReadError, SseReader};
+use crate::stack::circuit::Breaker;
+use crate::telemetry::metrics::{ErrorType, Metrics, UpstreamMetrics};
+use crate::telemetry::window::Window;
 use crate::usage::{self, Usage};
-use crate::window::Window;
 
 mod pool;
 pub use pool::{Body, Pool, SendError};

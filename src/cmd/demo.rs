@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::sim::{Faults, Sim};
 
 /// The embedded default config.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -147,7 +147,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
     // what it sent during the drain would be refused, and its last summary
     // line would count that as failures. Requests already sent finish.
     let shutdown = async move {
-        crate::cli::shutdown_signal().await;
+        crate::cmd::shutdown_signal().await;
         if let Some(traffic) = traffic {
             traffic.abort();
         }

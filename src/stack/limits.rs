@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 use super::{Answer, AttemptError, BoxFuture, Call};
-use crate::metrics::ErrorType;
+use crate::telemetry::metrics::ErrorType;
 
 #[derive(Clone, Default)]
 pub struct UpstreamLimitLayer;

@@ -33,7 +33,7 @@
 
 pub mod circuit;
 pub mod hedge;
-pub mod ratelimit;
+pub mod limits;
 pub mod retry;
 
 use std::future::Future;
@@ -52,10 +52,10 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::app::Runtime;
 use crate::config::{ModelConfig, TargetConfig};
-use crate::metrics::{ErrorType, Metrics, UpstreamMetrics};
-use crate::otel::{AttemptSpan, TraceContext};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
+use crate::telemetry::metrics::{ErrorType, Metrics, UpstreamMetrics};
+use crate::telemetry::otel::{AttemptSpan, TraceContext};
 use crate::upstream::{Attempt, Reply, Upstream};
 
 pub use crate::upstream::AttemptError;
@@ -238,7 +238,7 @@ pub async fn call(ctx: Arc<CallContext>, first: usize) -> Result<Answer, Attempt
         )))
         .layer(hedge::HedgeLayer::new(hedge, budget))
         .layer(circuit::CircuitLayer)
-        .layer(ratelimit::UpstreamLimitLayer)
+        .layer(limits::UpstreamLimitLayer)
         .layer(ConcurrencyLayer)
         .service(AttemptService);
     stack.oneshot(Call { target: first, ctx }).await
@@ -319,7 +319,7 @@ impl Service<Call> for AttemptService {
             ctx.attempts.fetch_add(1, Ordering::AcqRel);
             let mut headers = ctx.headers.clone();
             let span = ctx.trace.as_ref().map(|(context, _)| {
-                let id = crate::otel::new_span_id();
+                let id = crate::telemetry::otel::new_span_id();
                 headers.insert(http::HeaderName::from_static("traceparent"), context.traceparent(id));
                 (id, std::time::SystemTime::now())
             });

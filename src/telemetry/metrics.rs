@@ -408,7 +408,7 @@ impl Metrics {
         for result in ["success", "error"] {
             m.config_reloads.with_label_values(&[result]);
         }
-        for kind in crate::server::TIMEOUT_KINDS {
+        for kind in crate::edge::server::TIMEOUT_KINDS {
             m.client_timeouts.with_label_values(&[kind]);
         }
         #[cfg(target_os = "linux")]

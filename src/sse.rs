@@ -23,7 +23,7 @@ use memchr::memmem::Finder;
 use tokio::time::Instant;
 
 use crate::error::{GatewayError, TimeoutKind};
-use crate::observe::RequestRecord;
+use crate::gateway::record::RequestRecord;
 use crate::usage::{self, Usage, USAGE_KEY};
 
 /// Longest single SSE event accepted. Chat chunks are hundreds of bytes; a

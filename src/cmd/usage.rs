@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use crate::ledger::LedgerLine;
+use crate::telemetry::ledger::LedgerLine;
 
 /// What the rows of the table are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

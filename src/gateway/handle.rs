@@ -30,11 +30,11 @@ use tower_http::request_id::RequestId;
 
 use crate::app::{AppState, Runtime};
 use crate::error::{clip, GatewayError};
-use crate::layers::{self, CallContext};
-use crate::metrics::Outcome;
-use crate::observe::RequestRecord;
+use crate::gateway::record::RequestRecord;
 use crate::request::{self, Endpoint};
-use crate::streaming::{self, SseReader};
+use crate::sse::{self, SseReader};
+use crate::stack::{self, CallContext};
+use crate::telemetry::metrics::Outcome;
 use crate::upstream::{forwardable_headers, Reply};
 
 /// Names the upstream that answered, for debugging through a chain of proxies.
@@ -90,7 +90,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             upstream,
         }) => {
             record.write_rate_limit_headers(&mut headers);
-            let body = streaming::forward(reader, first, idle, deadline, strip_usage, record);
+            let body = sse::forward(reader, first, idle, deadline, strip_usage, record);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
             let mut response = Response::new(body);
             *response.status_mut() = status;
@@ -228,7 +228,7 @@ async fn run(
     let first = ctx.first_target()?;
 
     let sent = Instant::now();
-    let result = layers::call(ctx.clone(), first).await;
+    let result = stack::call(ctx.clone(), first).await;
     record.add_upstream_wait(sent.elapsed());
     record.set_attempts(ctx.attempts.load(Ordering::Acquire));
     let answer = result.map_err(|e| {
@@ -288,14 +288,14 @@ async fn run(
 /// the usual case, never waits and never needs one (`server::Stall`).
 struct PausedBody<B> {
     body: B,
-    stall: crate::server::Stall,
+    stall: crate::edge::server::Stall,
 }
 
 impl<B> PausedBody<B> {
     fn new(body: B, pause: Duration) -> Self {
         Self {
             body,
-            stall: crate::server::Stall::new(pause),
+            stall: crate::edge::server::Stall::new(pause),
         }
     }
 }

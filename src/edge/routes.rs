@@ -35,9 +35,9 @@ use tower_http::request_id::{
 };
 
 use crate::app::AppState;
+use crate::edge::health;
 use crate::error::GatewayError;
-use crate::health;
-use crate::proxy;
+use crate::gateway::handle;
 use crate::request::Endpoint;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,7 +84,7 @@ impl tower::Service<Req> for Routes {
         };
         let state = self.state.clone();
         Either::Left(Box::pin(async move {
-            Ok(proxy::handle(state, endpoint, req.map(axum::body::Body::new)).await)
+            Ok(handle::handle(state, endpoint, req.map(axum::body::Body::new)).await)
         }))
     }
 }
@@ -98,7 +98,7 @@ fn router(state: AppState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics))
-        .merge(crate::admin::router(state.clone()))
+        .merge(crate::edge::admin::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(state)

@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
-use crate::auth::bearer;
 use crate::error::GatewayError;
+use crate::gateway::auth::bearer;
 use crate::upstream::Upstream;
 
 pub fn router(state: AppState) -> Router<AppState> {

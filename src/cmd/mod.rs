@@ -1,5 +1,9 @@
 //! The command line: `serve`, `check`, `doctor`, `demo`.
 
+pub mod demo;
+pub mod doctor;
+pub mod usage;
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::logging::{self, LogFormat};
+use crate::telemetry::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,9 +56,9 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Run the gateway in front of simulated upstreams: no key, no network.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::cmd::demo::DemoArgs),
     /// Totals from a usage ledger (requests, tokens by type, cost), to compare with a provider's bill.
-    Usage(crate::usage_report::UsageArgs),
+    Usage(crate::cmd::usage::UsageArgs),
     /// Primary vs shadow, side by side, from a usage ledger written with shadows on.
     Compare(crate::shadow::CompareArgs),
 }
@@ -80,9 +84,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config, listen } => serve(&config.config, listen).await,
             Command::Check { config } => check(&config.config),
-            Command::Doctor { config } => crate::doctor::run(&config.config).await,
-            Command::Demo(args) => crate::demo::run(args).await,
-            Command::Usage(args) => crate::usage_report::run(args),
+            Command::Doctor { config } => crate::cmd::doctor::run(&config.config).await,
+            Command::Demo(args) => crate::cmd::demo::run(args).await,
+            Command::Usage(args) => crate::cmd::usage::run(args),
             Command::Compare(args) => crate::shadow::compare(args),
         }
     });

@@ -14,20 +14,20 @@ use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::access_log::AccessLine;
 use crate::config::Price;
 use crate::error::GatewayError;
-use crate::layers::circuit::Breaker;
-use crate::ledger::{Ledger, LedgerLine};
-use crate::metrics::{ErrorType, Metrics, ModelMetrics, ModelUpstreamMetrics, Outcome, UpstreamMetrics};
-use crate::otel::{AttemptSpan, Exporter, RequestSpan, TraceContext};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::Endpoint;
 use crate::shadow::Comparison;
-use crate::streaming;
+use crate::sse;
+use crate::stack::circuit::Breaker;
+use crate::telemetry::access_log::AccessLine;
+use crate::telemetry::ledger::{Ledger, LedgerLine};
+use crate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, ModelUpstreamMetrics, Outcome, UpstreamMetrics};
+use crate::telemetry::otel::{AttemptSpan, Exporter, RequestSpan, TraceContext};
+use crate::telemetry::window::{Sample, Window};
 use crate::upstream::{Upstream, UpstreamState};
 use crate::usage::Usage;
-use crate::window::{Sample, Window};
 
 /// The status logged for a request the client abandoned (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
@@ -191,7 +191,7 @@ impl RequestRecord {
         self.sinks.otel.as_ref()?;
         let context = TraceContext::from_headers(headers);
         let attempts = Arc::new(Mutex::new(Vec::new()));
-        let span_id = crate::otel::new_span_id();
+        let span_id = crate::telemetry::otel::new_span_id();
         self.trace = Some(Trace {
             context,
             span_id,
@@ -272,7 +272,7 @@ impl RequestRecord {
             }
         }
         self.last_batch = Some(now);
-        let info = streaming::inspect(batch);
+        let info = sse::inspect(batch);
         self.saw_done |= info.done;
         self.content_events += info.content_events;
         self.set_usage(info.usage);
@@ -361,7 +361,7 @@ impl RequestRecord {
         self.observe_health(elapsed, outcome);
         self.write_ledger(request_id, status, outcome, elapsed);
         self.export_trace(status, outcome);
-        crate::access_log::write(&AccessLine {
+        crate::telemetry::access_log::write(&AccessLine {
             request_id,
             key: &self.key,
             model: &self.model.label,
@@ -401,7 +401,7 @@ impl RequestRecord {
         }
         let usage = self.usage.unwrap_or_default();
         let line = LedgerLine {
-            time: crate::ledger::format_time(SystemTime::now()),
+            time: crate::telemetry::ledger::format_time(SystemTime::now()),
             request_id: request_id.to_owned(),
             key: self.key.to_string(),
             model: self.model.label.to_string(),

@@ -41,7 +41,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::ServerConfig;
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// How connections are served.
 pub enum Protocol {

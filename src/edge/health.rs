@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Json, Response};
 use serde_json::{json, Value};
 
 use crate::app::AppState;
-use crate::layers::circuit::State as BreakerState;
+use crate::stack::circuit::State as BreakerState;
 
 pub async fn live() -> Response {
     Json(json!({ "status": "alive" })).into_response()

@@ -32,7 +32,7 @@ use tower::retry::Policy;
 
 use super::{classify, Answer, AttemptError, Call, Class};
 use crate::error::retry_after_secs;
-use crate::metrics::ErrorType;
+use crate::telemetry::metrics::ErrorType;
 use crate::upstream::Reply;
 
 /// A 429 without a usable hint cools its upstream this long.

@@ -75,7 +75,7 @@ pub async fn run(path: &Path) -> Result<ExitCode, String> {
             if r.ok() { "OK" } else { "FAIL" }
         );
     }
-    crate::cli::print_out(&out);
+    crate::cmd::print_out(&out);
     Ok(if reports.iter().all(Report::ok) {
         ExitCode::SUCCESS
     } else {

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, SystemTime};
 
-use crate::logging::{self, LogFormat};
+use crate::telemetry::logging::{self, LogFormat};
 
 /// What one access-log line says.
 pub struct AccessLine<'a> {

@@ -30,7 +30,7 @@ use tower::{Layer, Service};
 
 use super::{classify, Answer, AttemptError, Call, Class};
 use crate::config::BreakerConfig;
-use crate::metrics::{ErrorType, Metrics};
+use crate::telemetry::metrics::{ErrorType, Metrics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

@@ -24,11 +24,11 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::app::Runtime;
-use crate::ledger::LedgerLine;
-use crate::metrics::{Metrics, Outcome, TOKEN_TYPES};
-use crate::observe::Sinks;
+use crate::gateway::record::Sinks;
 use crate::request::{Endpoint, ParsedRequest};
-use crate::streaming::ReadError;
+use crate::sse::ReadError;
+use crate::telemetry::ledger::LedgerLine;
+use crate::telemetry::metrics::{Metrics, Outcome, TOKEN_TYPES};
 use crate::upstream::{Attempt, Reply};
 use crate::usage::Usage;
 
@@ -135,7 +135,7 @@ async fn run(m: &Mirror) {
         .then(|| result.text.as_deref().map(content_hash))
         .flatten();
     let line = LedgerLine {
-        time: crate::ledger::format_time(SystemTime::now()),
+        time: crate::telemetry::ledger::format_time(SystemTime::now()),
         request_id: m.request_id.clone(),
         key: m.key.to_string(),
         model: model.name.clone(),
@@ -211,7 +211,7 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
             status, body, usage, ..
         }) => {
             let code = status.as_u16();
-            match crate::layers::classify_status(code) {
+            match crate::stack::classify_status(code) {
                 Some(error) => ticket.failure(error),
                 None if status.is_success() => ticket.success(),
                 None => drop(ticket),
@@ -232,7 +232,7 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
             let mut batch = Some(first);
             let mut broken = false;
             while let Some(b) = batch.take() {
-                let info = crate::streaming::inspect(&b);
+                let info = crate::sse::inspect(&b);
                 done |= info.done;
                 usage = info.usage.or(usage);
                 if want_text {
@@ -248,7 +248,7 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
                 }
             }
             if broken || !done {
-                ticket.failure(crate::metrics::ErrorType::Reset);
+                ticket.failure(crate::telemetry::metrics::ErrorType::Reset);
             } else {
                 ticket.success();
             }
@@ -536,7 +536,7 @@ pub fn compare(args: CompareArgs) -> Result<std::process::ExitCode, String> {
     } else {
         render(&reports)
     };
-    crate::cli::print_out(&out);
+    crate::cmd::print_out(&out);
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -724,7 +724,7 @@ impl RawConfig {
         for (i, m) in self.models.into_iter().enumerate() {
             let at = |key: &str| format!("models[{i}].{key}");
             check_name(&at("name"), &m.name)?;
-            if m.name == crate::metrics::OTHER {
+            if m.name == crate::telemetry::metrics::OTHER {
                 return Err(ConfigError::at(
                     &at("name"),
                     "\"other\" is reserved for unknown models in metrics",
@@ -868,7 +868,7 @@ impl RawConfig {
         let otel = match self.otel {
             None => None,
             Some(o) => {
-                crate::otel::check_endpoint(&o.endpoint).map_err(|e| ConfigError::at("otel.endpoint", e))?;
+                crate::telemetry::otel::check_endpoint(&o.endpoint).map_err(|e| ConfigError::at("otel.endpoint", e))?;
                 Some(OtelConfig {
                     endpoint: o.endpoint,
                     service_name: o.service_name,

@@ -1,0 +1,7 @@
+//! The gateway path of one proxied request: `handle` (in order: shed, auth,
+//! body, parse, limits, the stack, the reply), client keys (`auth`), and the
+//! request's record (`record`).
+
+pub mod auth;
+pub mod handle;
+pub mod record;
