@@ -21,8 +21,8 @@ use relaygate::config::BreakerConfig;
 use relaygate::ratelimit::{self, Limiter, RawRule};
 use relaygate::request::{self, Endpoint};
 use relaygate::sse::{self, BodyError, SseReader};
-use relaygate::stack::circuit::Breaker;
 use relaygate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, Outcome, UpstreamMetrics};
+use relaygate::upstream::breaker::Breaker;
 use relaygate::usage;
 
 /// One streamed chat chunk, shaped like DeepSeek's and OpenAI's (~230 bytes).

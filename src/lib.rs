@@ -11,6 +11,7 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod gateway;
+pub mod net;
 pub mod ratelimit;
 pub mod request;
 pub mod shadow;

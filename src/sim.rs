@@ -19,6 +19,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -135,23 +138,23 @@ impl Sim {
     }
 
     pub async fn start_on(addr: SocketAddr, name: &str, faults: Faults) -> io::Result<Sim> {
-        Self::serve_on(addr, name, faults, crate::edge::server::http1_and_h2c(None)).await
+        Self::serve_on(addr, name, faults, None).await
     }
 
     /// A simulator whose HTTP/2 connections take at most `max_streams`
     /// concurrent streams (`SETTINGS_MAX_CONCURRENT_STREAMS`), like most
     /// real servers (100-256), for the client pool's tests.
     pub async fn start_h2_limited(name: &str, faults: Faults, max_streams: u32) -> io::Result<Sim> {
-        let protocol = crate::edge::server::http1_and_h2c(Some(max_streams));
-        Self::serve_on("127.0.0.1:0".parse().expect("valid address"), name, faults, protocol).await
+        Self::serve_on(
+            "127.0.0.1:0".parse().expect("valid address"),
+            name,
+            faults,
+            Some(max_streams),
+        )
+        .await
     }
 
-    async fn serve_on(
-        addr: SocketAddr,
-        name: &str,
-        faults: Faults,
-        protocol: crate::edge::server::Protocol,
-    ) -> io::Result<Sim> {
+    async fn serve_on(addr: SocketAddr, name: &str, faults: Faults, max_streams: Option<u32>) -> io::Result<Sim> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
@@ -174,8 +177,18 @@ impl Sim {
             .route("/v1/models", get(models))
             .with_state(inner.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(crate::edge::server::serve(listener, router, protocol, async move {
+        // HTTP/1.1 and HTTP/2 with prior knowledge (h2c), without hyper's
+        // limit of 200 concurrent streams (or with `max_streams`): the
+        // simulator stands in for an inference server holding thousands.
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder.http2().max_concurrent_streams(max_streams);
+        let service = TowerToHyperService::new(router);
+        let shutdown = async move {
             let _ = stopped.await;
+        };
+        tokio::spawn(crate::net::accept(listener, shutdown, move |io, graceful| {
+            let connection = builder.serve_connection(io, service.clone()).into_owned();
+            tokio::spawn(graceful.watch(connection));
         }));
         Ok(Sim {
             addr,

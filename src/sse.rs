@@ -11,19 +11,13 @@
 //! upstream instead of growing a buffer. The only buffer is one partial
 //! event, bounded by `MAX_EVENT_BYTES`.
 
-use std::convert::Infallible;
 use std::sync::LazyLock;
-use std::time::Duration;
 
-use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use memchr::memmem::Finder;
-use tokio::time::Instant;
 
-use crate::error::{GatewayError, TimeoutKind};
-use crate::gateway::record::RequestRecord;
 use crate::usage::{self, Usage, USAGE_KEY};
 
 /// Longest single SSE event accepted. Chat chunks are hundreds of bytes; a
@@ -170,91 +164,6 @@ fn lines(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
         start = end.map(|e| e + 1);
         Some(&batch[from..end.unwrap_or(batch.len())])
     })
-}
-
-/// The client's response body for a stream whose first batch has already
-/// been read. Every later batch must arrive within `idle` of the previous
-/// one, and the whole stream within `deadline`. Any failure ends the body
-/// with one SSE error event and no `[DONE]`.
-pub fn forward(
-    reader: SseReader,
-    first: Bytes,
-    idle: Duration,
-    deadline: Instant,
-    strip_usage: bool,
-    record: RequestRecord,
-) -> Body {
-    struct State {
-        reader: SseReader,
-        pending: Option<Bytes>,
-        idle: Duration,
-        deadline: Instant,
-        strip_usage: bool,
-        upstream: String,
-        record: Option<RequestRecord>,
-    }
-    // Boxed: `unfold` moves its state in and out of each step's future,
-    // and the state (the request record above all) is several hundred bytes.
-    let state = Box::new(State {
-        reader,
-        pending: Some(first),
-        idle,
-        deadline,
-        strip_usage,
-        upstream: record.upstream_name(),
-        record: Some(record),
-    });
-    let stream = futures_util::stream::unfold(state, |mut st| async move {
-        loop {
-            let record = st.record.as_mut()?;
-            let next = match st.pending.take() {
-                Some(first) => Ok(Ok(Some(first))),
-                None => {
-                    let idle_at = (Instant::now() + st.idle).min(st.deadline);
-                    tokio::time::timeout_at(idle_at, st.reader.next_batch())
-                        .await
-                        .map_err(|_| idle_at)
-                }
-            };
-            let error = match next {
-                Ok(Ok(Some(batch))) => {
-                    record.on_stream_batch(&batch);
-                    let batch = if st.strip_usage { strip_usage_only(batch) } else { batch };
-                    if batch.is_empty() {
-                        continue; // it held only the injected usage chunk
-                    }
-                    return Some((Ok::<_, Infallible>(batch), st));
-                }
-                Ok(Ok(None)) if record.saw_done() => {
-                    st.record.take()?.finish_stream(None);
-                    return None;
-                }
-                Ok(Ok(None)) | Ok(Err(ReadError::Truncated)) => GatewayError::UpstreamMalformed {
-                    upstream: st.upstream.clone(),
-                    detail: "the stream ended without [DONE]",
-                },
-                Ok(Err(ReadError::EventTooLarge)) => GatewayError::UpstreamMalformed {
-                    upstream: st.upstream.clone(),
-                    detail: "an SSE event exceeded 1 MiB",
-                },
-                Ok(Err(ReadError::Reset)) => GatewayError::UpstreamReset {
-                    upstream: st.upstream.clone(),
-                },
-                Err(idle_at) => GatewayError::UpstreamTimeout {
-                    upstream: st.upstream.clone(),
-                    kind: if idle_at < st.deadline {
-                        TimeoutKind::Idle
-                    } else {
-                        TimeoutKind::Request
-                    },
-                },
-            };
-            let event = error.sse_event();
-            st.record.take()?.finish_stream(Some(&error));
-            return Some((Ok(event), st));
-        }
-    });
-    Body::from_stream(stream)
 }
 
 /// The end offsets of the complete events in `batch`.

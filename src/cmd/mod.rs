@@ -1,5 +1,6 @@
 //! The command line: `serve`, `check`, `doctor`, `demo`.
 
+pub mod compare;
 pub mod demo;
 pub mod doctor;
 pub mod usage;
@@ -60,7 +61,7 @@ pub enum Command {
     /// Totals from a usage ledger (requests, tokens by type, cost), to compare with a provider's bill.
     Usage(crate::cmd::usage::UsageArgs),
     /// Primary vs shadow, side by side, from a usage ledger written with shadows on.
-    Compare(crate::shadow::CompareArgs),
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +88,7 @@ pub fn main() -> ExitCode {
             Command::Doctor { config } => crate::cmd::doctor::run(&config.config).await,
             Command::Demo(args) => crate::cmd::demo::run(args).await,
             Command::Usage(args) => crate::cmd::usage::run(args),
-            Command::Compare(args) => crate::shadow::compare(args),
+            Command::Compare(args) => compare::compare(args),
         }
     });
     match result {

@@ -18,9 +18,9 @@ use http::StatusCode;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::app::AppState;
 use crate::error::GatewayError;
 use crate::gateway::auth::bearer;
+use crate::gateway::state::AppState;
 use crate::upstream::Upstream;
 
 pub fn router(state: AppState) -> Router<AppState> {

@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use serde_json::{json, Value};
 
-use crate::app::AppState;
-use crate::stack::circuit::State as BreakerState;
+use crate::gateway::state::AppState;
+use crate::upstream::breaker::State as BreakerState;
 
 pub async fn live() -> Response {
     Json(json!({ "status": "alive" })).into_response()

@@ -34,10 +34,10 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestId, PropagateRequestIdLayer, RequestId, SetRequestId, SetRequestIdLayer,
 };
 
-use crate::app::AppState;
 use crate::edge::health;
 use crate::error::GatewayError;
 use crate::gateway::handle;
+use crate::gateway::state::AppState;
 use crate::request::Endpoint;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -1,17 +1,12 @@
-//! The accept loop: HTTP connections on a TCP listener until shutdown, then a
-//! graceful close of every connection (a response in progress finishes).
-//! Shared by the gateway (`App::serve`: HTTP/1.1) and the simulator
-//! (`sim`: HTTP/1.1 and h2c).
+//! The gateway's client connections: HTTP/1.1 on hyper's connection API,
+//! accepted by `net::accept`.
 //!
-//! Written on hyper's and hyper-util's connection builders rather than
-//! `axum::serve`, which cannot do either of two things relaygate needs:
-//! - serve HTTP/1.1 without sniffing for the HTTP/2 preface. The sniff reads
-//!   the first 24 bytes apart; hyper's read buffer then grows from 8 to
-//!   16 KiB to take the rest of the request head and keeps that size for the
-//!   life of the connection: 8 KiB more per open stream, for a protocol the
-//!   OpenAI SDKs do not use in cleartext;
-//! - lift hyper's limit of 200 concurrent HTTP/2 streams per connection (the
-//!   simulator stands in for an inference server holding thousands).
+//! Written on hyper's connection builder rather than `axum::serve`, which
+//! cannot serve HTTP/1.1 without sniffing for the HTTP/2 preface. The sniff
+//! reads the first 24 bytes apart; hyper's read buffer then grows from 8 to
+//! 16 KiB to take the rest of the request head and keeps that size for the
+//! life of the connection: 8 KiB more per open stream, for a protocol the
+//! OpenAI SDKs do not use in cleartext.
 //!
 //! The gateway's connections also have the timeouts hyper's builder offers
 //! only with a timer armed for every request (`ClientIo`, below): a request
@@ -31,9 +26,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,23 +34,16 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::ServerConfig;
 use crate::error::GatewayError;
+use crate::net::Stall;
 use crate::telemetry::metrics::Metrics;
 
-/// How connections are served.
-pub enum Protocol {
-    /// HTTP/1.1 on hyper's own connection: what the gateway serves.
-    /// hyper-util's auto builder, even limited to HTTP/1.1, wraps every
-    /// connection's reads in its preface-sniffing `Rewind` (1.3 % of the
-    /// instructions per request).
-    Http1(hyper::server::conn::http1::Builder, Arc<ClientLimits>),
-    /// Whatever the builder allows: the simulator's HTTP/1.1 and h2c.
-    Auto(Builder<TokioExecutor>),
-}
-
-/// Serves `service` (a router, or a router inside server layers) until
+/// Serves `service` (the routes inside the server layers) on HTTP/1.1 until
 /// `shutdown` completes, then stops accepting and returns once every
-/// connection has closed gracefully.
-pub async fn serve<S>(listener: TcpListener, service: S, protocol: Protocol, shutdown: impl Future<Output = ()>)
+/// connection has closed gracefully. hyper's own HTTP/1.1 connection, not
+/// hyper-util's auto builder: that one, even limited to HTTP/1.1, wraps every
+/// connection's reads in its preface-sniffing `Rewind` (1.3 % of the
+/// instructions per request).
+pub async fn serve<S>(listener: TcpListener, service: S, limits: ClientLimits, shutdown: impl Future<Output = ()>)
 where
     S: tower::Service<http::Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
         + Clone
@@ -65,84 +51,19 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let builder = hyper::server::conn::http1::Builder::new();
+    let limits = Arc::new(limits);
     let service = TowerToHyperService::new(service);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => {
-                    // Small SSE events must not wait for Nagle's algorithm.
-                    let _ = tcp.set_nodelay(true);
-                    let io = TokioIo::new(tcp);
-                    match &protocol {
-                        Protocol::Http1(builder, limits) => {
-                            let busy = Arc::new(AtomicUsize::new(0));
-                            let io = ClientIo::new(io, limits.clone(), busy.clone());
-                            let service = Tracked { service: service.clone(), busy };
-                            tokio::spawn(graceful.watch(builder.serve_connection(io, service)));
-                        }
-                        Protocol::Auto(builder) => {
-                            tokio::spawn(graceful.watch(builder.serve_connection(io, service.clone()).into_owned()));
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Out of descriptors, say: back off instead of spinning.
-                    tracing::debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-/// HTTP/1.1 only: what the gateway serves.
-pub fn http1(limits: ClientLimits) -> Protocol {
-    Protocol::Http1(hyper::server::conn::http1::Builder::new(), Arc::new(limits))
-}
-
-/// HTTP/1.1 and HTTP/2 with prior knowledge (h2c), without a limit on
-/// concurrent streams (or with `max_streams`): what the simulator serves.
-pub fn http1_and_h2c(max_streams: Option<u32>) -> Protocol {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(max_streams);
-    Protocol::Auto(builder)
-}
-
-/// A timer that runs only while something waits on a client: the first
-/// `Pending` starts it, any progress drops it. So a connection or body that
-/// is not stalled holds 8 bytes and never touches tokio's timer wheel (a
-/// timer armed on every request cost about 1,400 instructions, 2 %).
-pub(crate) struct Stall {
-    limit: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
-impl Stall {
-    pub(crate) fn new(limit: Duration) -> Self {
-        Self { limit, timer: None }
-    }
-
-    /// Watches one poll of what may stall: once it is ready the wait has
-    /// ended and its value comes back (`Some`); while it is pending, `None`
-    /// once `limit` has passed since the wait began.
-    pub(crate) fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<T>) -> Poll<Option<T>> {
-        if let Poll::Ready(value) = poll {
-            self.timer = None;
-            return Poll::Ready(Some(value));
-        }
-        let limit = self.limit;
-        ready!(self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)))
-            .as_mut()
-            .poll(cx));
-        Poll::Ready(None)
-    }
+    crate::net::accept(listener, shutdown, |io, graceful| {
+        let busy = Arc::new(AtomicUsize::new(0));
+        let io = ClientIo::new(io, limits.clone(), busy.clone());
+        let service = Tracked {
+            service: service.clone(),
+            busy,
+        };
+        tokio::spawn(graceful.watch(builder.serve_connection(io, service)));
+    })
+    .await;
 }
 
 /// `relaygate_client_timeouts_total{kind}`: a closed set, in the order of

@@ -28,11 +28,11 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use tower_http::request_id::RequestId;
 
-use crate::app::{AppState, Runtime};
 use crate::error::{clip, GatewayError};
 use crate::gateway::record::RequestRecord;
+use crate::gateway::state::{AppState, Runtime};
 use crate::request::{self, Endpoint};
-use crate::sse::{self, SseReader};
+use crate::sse::SseReader;
 use crate::stack::{self, CallContext};
 use crate::telemetry::metrics::Outcome;
 use crate::upstream::{forwardable_headers, Reply};
@@ -90,7 +90,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             upstream,
         }) => {
             record.write_rate_limit_headers(&mut headers);
-            let body = sse::forward(reader, first, idle, deadline, strip_usage, record);
+            let body = super::stream::forward(reader, first, idle, deadline, strip_usage, record);
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
             let mut response = Response::new(body);
             *response.status_mut() = status;
@@ -288,14 +288,14 @@ async fn run(
 /// the usual case, never waits and never needs one (`server::Stall`).
 struct PausedBody<B> {
     body: B,
-    stall: crate::edge::server::Stall,
+    stall: crate::net::Stall,
 }
 
 impl<B> PausedBody<B> {
     fn new(body: B, pause: Duration) -> Self {
         Self {
             body,
-            stall: crate::edge::server::Stall::new(pause),
+            stall: crate::net::Stall::new(pause),
         }
     }
 }

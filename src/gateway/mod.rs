@@ -5,3 +5,5 @@
 pub mod auth;
 pub mod handle;
 pub mod record;
+pub mod state;
+pub mod stream;

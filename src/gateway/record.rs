@@ -16,37 +16,21 @@ use tokio::time::Instant;
 
 use crate::config::Price;
 use crate::error::GatewayError;
-use crate::ratelimit::{Admission, Limiter};
+use crate::ratelimit::Admission;
 use crate::request::Endpoint;
-use crate::shadow::Comparison;
 use crate::sse;
-use crate::stack::circuit::Breaker;
 use crate::telemetry::access_log::AccessLine;
-use crate::telemetry::ledger::{Ledger, LedgerLine};
+use crate::telemetry::ledger::LedgerLine;
 use crate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, ModelUpstreamMetrics, Outcome, UpstreamMetrics};
-use crate::telemetry::otel::{AttemptSpan, Exporter, RequestSpan, TraceContext};
-use crate::telemetry::window::{Sample, Window};
+use crate::telemetry::otel::{AttemptSpan, RequestSpan, TraceContext};
+use crate::telemetry::window::Sample;
+use crate::telemetry::Sinks;
+use crate::upstream::breaker::Breaker;
 use crate::upstream::{Upstream, UpstreamState};
 use crate::usage::Usage;
 
 /// The status logged for a request the client abandoned (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
-
-/// Where finished requests are recorded; one per app.
-pub struct Sinks {
-    pub metrics: Arc<Metrics>,
-    /// The handles of the model label `other`, for requests that never
-    /// matched a configured model.
-    pub other_model: Arc<ModelMetrics>,
-    /// All requests, for `/health`.
-    pub window: Window,
-    pub ledger: Option<Ledger>,
-    pub otel: Option<Exporter>,
-    /// Primary vs shadow, per shadowed model (`GET /admin/shadow`).
-    pub comparison: Comparison,
-    /// Shadows count against the shadow upstream's rate limits.
-    pub limiter: Limiter,
-}
 
 /// The trace of one request, when OTLP export is on.
 pub struct Trace {
@@ -181,7 +165,7 @@ impl RequestRecord {
     /// The text of a buffered answer, for the comparison.
     pub fn set_answer(&mut self, body: &[u8]) {
         if self.text.is_some() {
-            self.text = crate::shadow::message_text(body);
+            self.text = crate::telemetry::comparison::message_text(body);
         }
     }
 
@@ -277,7 +261,7 @@ impl RequestRecord {
         self.content_events += info.content_events;
         self.set_usage(info.usage);
         if let Some(text) = self.text.as_mut() {
-            crate::shadow::stream_text(batch, text);
+            crate::telemetry::comparison::stream_text(batch, text);
         }
     }
 
@@ -422,7 +406,7 @@ impl RequestRecord {
             attempts: self.attempts,
             usage_estimated: self.usage_estimated,
             shadow: false,
-            content_hash: self.text.as_deref().map(crate::shadow::content_hash),
+            content_hash: self.text.as_deref().map(crate::telemetry::comparison::content_hash),
         };
         if self.compared {
             self.sinks.comparison.add(&line);

@@ -50,8 +50,8 @@ use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-use crate::app::Runtime;
 use crate::config::{ModelConfig, TargetConfig};
+use crate::gateway::state::Runtime;
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
 use crate::telemetry::metrics::{ErrorType, Metrics, UpstreamMetrics};

@@ -22,11 +22,12 @@ use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, TimeoutKind};
 use crate::request::Endpoint;
 use crate::sse::{BodyError, ReadError, SseReader};
-use crate::stack::circuit::Breaker;
 use crate::telemetry::metrics::{ErrorType, Metrics, UpstreamMetrics};
 use crate::telemetry::window::Window;
+use crate::upstream::breaker::Breaker;
 use crate::usage::{self, Usage};
 
+pub mod breaker;
 mod pool;
 pub use pool::{Body, Pool, SendError};
 

@@ -1,0 +1,360 @@
+//! The gateway's state: per-config data in `Runtime`, behind an `ArcSwap`. A
+//! request loads it once at its start and keeps that `Arc` to its end, so a
+//! config swap never changes a request half-way, and loading it takes no lock.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::retry::budget::TpsBudget;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::gateway::auth::ClientKeys;
+use crate::ratelimit::Limiter;
+use crate::telemetry::comparison::Comparison;
+use crate::telemetry::ledger::Ledger;
+use crate::telemetry::metrics::{Metrics, ModelMetrics};
+use crate::telemetry::otel::Exporter;
+use crate::telemetry::window::Window;
+use crate::telemetry::Sinks;
+use crate::upstream::breaker::Breaker;
+use crate::upstream::{Upstream, UpstreamState};
+
+/// Everything derived from one config.
+pub struct Runtime {
+    pub config: Config,
+    /// Same order as `config.upstreams`.
+    pub upstreams: Vec<Upstream>,
+    /// Model name → index into `config.models`.
+    pub models: HashMap<String, usize>,
+    /// Each model's metric handles, same order as `config.models`.
+    pub model_metrics: Vec<Arc<ModelMetrics>>,
+    pub keys: ClientKeys,
+    /// The `/v1/models` answer, built once.
+    pub models_json: Bytes,
+    /// Each model's retry budget, same order as `config.models`.
+    pub budgets: Vec<Arc<TpsBudget>>,
+    /// Each model's shadow slots (`shadow.max_in_flight`), if it has a shadow.
+    pub shadow_slots: Vec<Option<Arc<Semaphore>>>,
+}
+
+/// Upstream health by upstream name, kept across config reloads so that a
+/// reload does not forget an open breaker or a 429 cooldown.
+#[derive(Default)]
+pub struct UpstreamRegistry {
+    states: Mutex<HashMap<String, Arc<UpstreamState>>>,
+}
+
+impl UpstreamRegistry {
+    /// The state for `config`, reused when the name and breaker settings are unchanged.
+    pub fn state_for(&self, config: &UpstreamConfig, metrics: &Metrics, health_window: Duration) -> Arc<UpstreamState> {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = states.get(&config.name) {
+            if s.breaker.config() == &config.circuit_breaker {
+                return s.clone();
+            }
+        }
+        let state = Arc::new(UpstreamState::new(
+            Breaker::new(&config.name, config.circuit_breaker.clone(), metrics),
+            health_window,
+        ));
+        states.insert(config.name.clone(), state.clone());
+        state
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("rate limiting: {0}")]
+    RateLimit(String),
+    #[error("cannot open the usage ledger: {0}")]
+    Ledger(std::io::Error),
+    #[error("cannot build the HTTP client for upstream '{upstream}': {source}")]
+    Client {
+        upstream: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+impl Runtime {
+    pub fn new(config: Config, registry: &UpstreamRegistry, metrics: &Metrics) -> Result<Self, BuildError> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let state = registry.state_for(u, metrics, config.health.window);
+                Upstream::new(u.clone(), i, state, metrics).map_err(|source| BuildError::Client {
+                    upstream: u.name.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let budgets = config
+            .models
+            .iter()
+            .map(|_| crate::stack::budget(&config.retry))
+            .collect();
+        let models = config
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name.clone(), i))
+            .collect();
+        let upstream_names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let model_metrics = config
+            .models
+            .iter()
+            .map(|m| {
+                let targets: Vec<usize> = m.targets.iter().map(|t| t.upstream).collect();
+                Arc::new(ModelMetrics::new(metrics, &m.name, &upstream_names, &targets))
+            })
+            .collect();
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let data: Vec<_> = config
+            .models
+            .iter()
+            .map(
+                |m| serde_json::json!({ "id": m.name, "object": "model", "created": created, "owned_by": "relaygate" }),
+            )
+            .collect();
+        let models_json = Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string());
+        Ok(Self {
+            keys: ClientKeys::new(&config.keys),
+            upstreams,
+            models,
+            model_metrics,
+            models_json,
+            budgets,
+            shadow_slots: crate::shadow::slots(&config.models),
+            config,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    runtime: ArcSwap<Runtime>,
+    metrics: Arc<Metrics>,
+    /// Where finished requests are recorded (metrics, /health, ledger, traces).
+    sinks: Arc<Sinks>,
+    upstreams: UpstreamRegistry,
+    /// `server.max_in_flight`: one permit per request, held to its last byte.
+    in_flight: Arc<Semaphore>,
+    draining: AtomicBool,
+    started: Instant,
+    /// The file `reload` re-reads; unset for apps built from a `Config` value.
+    config_path: OnceLock<PathBuf>,
+    /// Built once: its buckets (and its Redis connection) outlive reloads.
+    limiter: Limiter,
+}
+
+impl AppState {
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.inner.runtime.load_full()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    pub fn sinks(&self) -> &Arc<Sinks> {
+        &self.inner.sinks
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.inner.limiter
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Re-reads the config file and swaps it in atomically. A bad file is
+    /// rejected and the running config stays. Breakers, cooldowns and limiter
+    /// state of unchanged upstreams carry over; in-flight requests finish on
+    /// the config they started with. `server.listen` and `server.max_in_flight`
+    /// apply at the next start only.
+    pub fn reload(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        let Some(path) = inner.config_path.get() else {
+            return Err("relaygate was not started from a config file".into());
+        };
+        let built = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| Runtime::new(c, &inner.upstreams, &inner.metrics).map_err(|e| e.to_string()));
+        match built {
+            Ok(runtime) => {
+                let rule_names = |c: &Config| c.rate_limits.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>();
+                if rule_names(&runtime.config) != rule_names(&inner.runtime.load().config) {
+                    tracing::warn!("rate limit rules changed: they apply at the next start, not on reload");
+                }
+                preregister(&inner.metrics, &runtime);
+                inner.runtime.store(Arc::new(runtime));
+                inner.metrics.config_reloads.with_label_values(&["success"]).inc();
+                tracing::info!(path = %path.display(), "config reloaded");
+                Ok(())
+            }
+            Err(error) => {
+                inner.metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(%error, "config reload rejected; keeping the running config");
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes out the ledger and the trace spans still queued (on shutdown).
+    pub async fn flush(&self) {
+        let sinks = &self.inner.sinks;
+        if let Some(ledger) = &sinks.ledger {
+            if tokio::time::timeout(Duration::from_secs(10), ledger.close())
+                .await
+                .is_err()
+            {
+                tracing::error!("usage ledger: could not write out every line within 10 s");
+            }
+        }
+        if let Some(otel) = &sinks.otel {
+            otel.shutdown().await;
+        }
+    }
+
+    /// A slot under `server.max_in_flight`, or `None` when full. tower's
+    /// `ConcurrencyLimit` is not used because it frees its slot when the
+    /// response headers go out, and a stream must hold its slot to the end.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.inner.in_flight.clone().try_acquire_owned().ok()
+    }
+}
+
+impl AppState {
+    /// The state for a validated config. It connects to Redis when the rate
+    /// limiter uses it (bounded by `redis_timeout`; an unreachable Redis is
+    /// not an error: `fail_mode` applies).
+    pub async fn new(config: Config) -> Result<Self, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let limiter = Limiter::new(
+            config.rate_limit.clone(),
+            config.rate_limits.clone(),
+            metrics.registry(),
+        )
+        .await
+        .map_err(BuildError::RateLimit)?;
+        let ledger = match &config.ledger {
+            None => None,
+            Some(l) => {
+                Some(Ledger::open(&l.path, l.capacity, metrics.ledger_dropped.clone()).map_err(BuildError::Ledger)?)
+            }
+        };
+        let otel = config
+            .otel
+            .as_ref()
+            .map(|o| Exporter::start(&o.endpoint, &o.service_name));
+        let sinks = Arc::new(Sinks {
+            other_model: Arc::new(ModelMetrics::other(&metrics)),
+            metrics: metrics.clone(),
+            window: Window::new(config.health.window),
+            ledger,
+            otel,
+            comparison: Comparison::default(),
+            limiter: limiter.clone(),
+        });
+        let upstreams = UpstreamRegistry::default();
+        let runtime = Runtime::new(config, &upstreams, &metrics)?;
+        let in_flight = Arc::new(Semaphore::new(runtime.config.server.max_in_flight));
+        preregister(&metrics, &runtime);
+        if !runtime.keys.enabled() {
+            tracing::warn!(
+                "no [[keys]] configured: client authentication is OFF and any client can use the upstream keys"
+            );
+        }
+        Ok(AppState {
+            inner: Arc::new(Shared {
+                runtime: ArcSwap::from_pointee(runtime),
+                metrics,
+                sinks,
+                upstreams,
+                in_flight,
+                draining: AtomicBool::new(false),
+                started: Instant::now(),
+                config_path: OnceLock::new(),
+                limiter,
+            }),
+        })
+    }
+
+    /// Remembers the file the config came from, for `reload`.
+    pub fn set_config_path(&self, path: &std::path::Path) {
+        let _ = self.inner.config_path.set(path.to_path_buf());
+    }
+}
+
+/// Creates zero-valued series for what the config makes possible, so that
+/// dashboards and `rate()` see zeros rather than gaps before first use.
+fn preregister(metrics: &Metrics, runtime: &Runtime) {
+    crate::shadow::preregister(metrics, runtime);
+    for u in &runtime.upstreams {
+        metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
+        for reason in [
+            "connect",
+            "timeout",
+            "reset",
+            "server_error",
+            "malformed",
+            "rate_limited",
+            "auth",
+        ] {
+            metrics.retries.with_label_values(&[&u.name, reason]);
+        }
+        for (from, to) in [
+            ("closed", "open"),
+            ("open", "half_open"),
+            ("half_open", "closed"),
+            ("half_open", "open"),
+        ] {
+            metrics.circuit_transitions.with_label_values(&[&u.name, from, to]);
+        }
+    }
+    for m in &runtime.config.models {
+        let model = m.name.as_str();
+        metrics.requests.with_label_values(&[model, "200", "success"]);
+        let names: Vec<&str> = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
+        for from in &names {
+            metrics.ttft.with_label_values(&[model, from]);
+            metrics.inter_token.with_label_values(&[model, from]);
+            for to in names.iter().filter(|to| to != &from) {
+                metrics.failovers.with_label_values(&[model, from, to]);
+            }
+        }
+        if m.hedge.is_some() {
+            for result in ["won", "lost"] {
+                metrics.hedges.with_label_values(&[model, result]);
+            }
+        }
+    }
+    metrics.preregister(runtime.config.models.iter().map(|m| {
+        let upstreams = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
+        (m.name.as_str(), upstreams)
+    }));
+}
