@@ -12,6 +12,7 @@ pub mod edge;
 pub mod error;
 pub mod gateway;
 pub mod net;
+pub mod outcome;
 pub mod ratelimit;
 pub mod request;
 pub mod shadow;

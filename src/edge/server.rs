@@ -35,7 +35,7 @@ use tokio::time::{Instant, Sleep};
 use crate::config::ServerConfig;
 use crate::error::GatewayError;
 use crate::net::Stall;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, TIMEOUT_KINDS};
 
 /// Serves `service` (the routes inside the server layers) on HTTP/1.1 until
 /// `shutdown` completes, then stops accepting and returns once every
@@ -66,11 +66,8 @@ where
     .await;
 }
 
-/// `relaygate_client_timeouts_total{kind}`: a closed set, in the order of
-/// `Closed`.
-pub const TIMEOUT_KINDS: [&str; 3] = ["header", "keepalive", "send"];
-
-/// Why a client connection was closed on a timeout.
+/// Why a client connection was closed on a timeout, in the order of
+/// `TIMEOUT_KINDS`.
 #[derive(Clone, Copy)]
 enum Closed {
     Header,
