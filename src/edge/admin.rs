@@ -85,7 +85,7 @@ pub fn describe(u: &Upstream) -> Value {
 
 async fn upstreams(State(state): State<AppState>) -> Response {
     let runtime = state.runtime();
-    let list: Vec<Value> = runtime.upstreams.iter().map(describe).collect();
+    let list: Vec<Value> = runtime.upstreams.iter().map(|u| describe(u)).collect();
     Json(json!({ "upstreams": list })).into_response()
 }
 

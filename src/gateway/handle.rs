@@ -166,12 +166,11 @@ async fn run(
     if parsed.stream {
         record.set_prompt_estimate(&body);
     }
-    let model_index = *runtime
-        .models
-        .get(&parsed.model)
+    let model = runtime
+        .model(&parsed.model)
         .ok_or_else(|| GatewayError::ModelNotFound(clip(&parsed.model)))?;
-    let model = &runtime.config.models[model_index];
-    record.set_model(runtime.model_metrics[model_index].clone(), model.price, parsed.stream);
+    let route = &model.route;
+    record.set_model(model.metrics.clone(), model.config.price, parsed.stream);
 
     // Key, model and global rate limits, once per request (queue rules may
     // wait here, bounded; a client that leaves drops out of the queue).
@@ -186,23 +185,24 @@ async fn run(
         } else {
             0
         };
-        record.set_admission(limiter.admit_request(&key, &model.name, estimate).await?);
+        record.set_admission(limiter.admit_request(&key, &route.label, estimate).await?);
         estimate
     } else {
         0
     };
 
+    let headers = forwardable_headers(&parts.headers);
     // A sampled share of a shadowed model's requests is mirrored, in the
     // background, beside the primary (see `shadow`).
-    if model.shadow.is_some() {
+    if let Some(shadow) = &model.shadow {
         let mirrored = crate::shadow::maybe_mirror(crate::shadow::Mirror {
-            runtime: runtime.clone(),
+            shadow: shadow.clone(),
             sinks: state.sinks().clone(),
-            model: model_index,
+            limiter: limiter.clone(),
             endpoint,
             parsed: parsed.clone(),
             body: body.clone(),
-            headers: forwardable_headers(&parts.headers),
+            headers: headers.clone(),
             request_id: record.request_id().to_owned(),
             key: key.clone(),
         });
@@ -210,22 +210,20 @@ async fn run(
     }
 
     // One deadline for the whole request: the first target's request_timeout.
-    let deadline = started + runtime.upstreams[model.targets[0].upstream].config.request_timeout;
+    let deadline = started + route.targets[0].upstream.config.request_timeout;
     let ctx = Arc::new(CallContext {
-        runtime: runtime.clone(),
-        metrics: state.metrics().clone(),
-        model: model_index,
+        route: route.clone(),
         endpoint,
         parsed,
         body,
-        headers: forwardable_headers(&parts.headers),
+        headers,
         deadline,
         attempts: AtomicU32::new(0),
         limiter: limiter.clone(),
         estimated_tokens,
         trace: record.start_trace(&parts.headers),
     });
-    let first = ctx.first_target()?;
+    let first = route.first_target()?;
 
     let sent = Instant::now();
     let result = stack::call(ctx.clone(), first).await;
@@ -237,8 +235,9 @@ async fn run(
         }
         e.error
     })?;
-    let upstream = &runtime.upstreams[answer.upstream];
-    record.set_upstream(upstream, Some(&model.targets[answer.target].model));
+    let target = &route.targets[answer.target];
+    let upstream = &target.upstream;
+    record.set_upstream(upstream, Some(&target.model));
     record.hold(answer.permit);
     if let Some(admission) = answer.admission {
         record.set_admission(admission);
@@ -266,7 +265,7 @@ async fn run(
             first,
             reader,
         } => {
-            record.commit_stream(upstream.state.breaker.clone(), answer.started);
+            record.commit_stream(answer.ticket, answer.started);
             Ok(Proxied::Stream {
                 status,
                 headers,

@@ -25,7 +25,7 @@ use crate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, ModelUpstreamM
 use crate::telemetry::otel::{AttemptSpan, RequestSpan, TraceContext};
 use crate::telemetry::window::Sample;
 use crate::telemetry::Sinks;
-use crate::upstream::breaker::Breaker;
+use crate::upstream::breaker::Ticket;
 use crate::upstream::{Upstream, UpstreamState};
 use crate::usage::Usage;
 
@@ -69,8 +69,9 @@ pub struct RequestRecord {
     /// The upstream's attempt metrics and this model's metrics there.
     upstream_metrics: Option<(Arc<UpstreamMetrics>, usize)>,
     attempts: u32,
-    /// A committed stream: its upstream's breaker and when its attempt began.
-    stream_attempt: Option<(Arc<Breaker>, Instant)>,
+    /// A committed stream: the breaker verdict its attempt owes (none for a
+    /// half-open probe, settled at the first event), and when it began.
+    stream_attempt: Option<(Option<Ticket>, Instant)>,
     upstream_wait: Duration,
     /// Concurrency slots held to the request's end.
     permits: Vec<OwnedSemaphorePermit>,
@@ -225,9 +226,9 @@ impl RequestRecord {
     }
 
     /// The stream's first event arrived: from here the record owns the
-    /// attempt's metrics and reports a later break to the breaker.
-    pub fn commit_stream(&mut self, breaker: Arc<Breaker>, attempt_started: Instant) {
-        self.stream_attempt = Some((breaker, attempt_started));
+    /// attempt's metrics and its breaker verdict.
+    pub fn commit_stream(&mut self, ticket: Option<Ticket>, attempt_started: Instant) {
+        self.stream_attempt = Some((ticket, attempt_started));
         self.first_token();
     }
 
@@ -442,16 +443,22 @@ impl RequestRecord {
 }
 
 impl RequestRecord {
-    /// Records a committed stream's attempt; a break counts against the breaker.
+    /// Records a committed stream's attempt, and gives the breaker its one
+    /// verdict: a clean end is a success, a break a failure, and a client
+    /// that left says nothing about the upstream.
     fn end_stream_attempt(&mut self, error_type: ErrorType) {
-        let (Some((breaker, started)), Some((upstream, _))) = (self.stream_attempt.take(), &self.upstream_metrics)
+        let (Some((ticket, started)), Some((upstream, _))) = (self.stream_attempt.take(), &self.upstream_metrics)
         else {
             return;
         };
         let status = (error_type != ErrorType::Cancelled).then_some(200);
         upstream.attempt(status, error_type, started);
-        if !matches!(error_type, ErrorType::None | ErrorType::Cancelled) {
-            breaker.on_failure(false, error_type);
+        if let Some(ticket) = ticket {
+            match error_type {
+                ErrorType::None => ticket.success(),
+                ErrorType::Cancelled => drop(ticket),
+                error => ticket.failure(error),
+            }
         }
     }
 }

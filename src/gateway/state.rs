@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::retry::budget::TpsBudget;
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, ModelConfig, UpstreamConfig};
 use crate::gateway::auth::ClientKeys;
+use crate::outcome::Outcome;
 use crate::ratelimit::Limiter;
+use crate::shadow::Shadow;
+use crate::stack::Route;
 use crate::telemetry::comparison::Comparison;
 use crate::telemetry::ledger::Ledger;
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
@@ -29,18 +31,23 @@ use crate::upstream::{Upstream, UpstreamState};
 pub struct Runtime {
     pub config: Config,
     /// Same order as `config.upstreams`.
-    pub upstreams: Vec<Upstream>,
-    /// Model name → index into `config.models`.
-    pub models: HashMap<String, usize>,
-    /// Each model's metric handles, same order as `config.models`.
-    pub model_metrics: Vec<Arc<ModelMetrics>>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Same order as `config.models`.
+    pub models: Vec<Model>,
+    /// Model name → index into `models`.
+    by_name: HashMap<String, usize>,
     pub keys: ClientKeys,
     /// The `/v1/models` answer, built once.
     pub models_json: Bytes,
-    /// Each model's retry budget, same order as `config.models`.
-    pub budgets: Vec<Arc<TpsBudget>>,
-    /// Each model's shadow slots (`shadow.max_in_flight`), if it has a shadow.
-    pub shadow_slots: Vec<Option<Arc<Semaphore>>>,
+}
+
+/// One configured model, with everything its requests need.
+pub struct Model {
+    pub config: ModelConfig,
+    /// What the stack needs: targets, retry settings and budget, hedge.
+    pub route: Arc<Route>,
+    pub metrics: Arc<ModelMetrics>,
+    pub shadow: Option<Arc<Shadow>>,
 }
 
 /// Upstream health by upstream name, kept across config reloads so that a
@@ -96,25 +103,29 @@ impl Runtime {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let budgets = config
-            .models
-            .iter()
-            .map(|_| crate::stack::budget(&config.retry))
-            .collect();
-        let models = config
-            .models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.name.clone(), i))
-            .collect();
+        let upstreams: Vec<Arc<Upstream>> = upstreams.into_iter().map(Arc::new).collect();
         let upstream_names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-        let model_metrics = config
+        let max_response_bytes = config.server.max_response_bytes;
+        let models: Vec<Model> = config
             .models
             .iter()
             .map(|m| {
                 let targets: Vec<usize> = m.targets.iter().map(|t| t.upstream).collect();
-                Arc::new(ModelMetrics::new(metrics, &m.name, &upstream_names, &targets))
+                Model {
+                    config: m.clone(),
+                    route: Arc::new(Route::new(m, &upstreams, &config.retry, max_response_bytes, metrics)),
+                    metrics: Arc::new(ModelMetrics::new(metrics, &m.name, &upstream_names, &targets)),
+                    shadow: m.shadow.as_ref().map(|s| {
+                        let upstream = upstreams[s.upstream].clone();
+                        Arc::new(Shadow::new(&m.name, s.clone(), upstream, max_response_bytes, metrics))
+                    }),
+                }
             })
+            .collect();
+        let by_name = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.config.name.clone(), i))
             .collect();
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -132,12 +143,15 @@ impl Runtime {
             keys: ClientKeys::new(&config.keys),
             upstreams,
             models,
-            model_metrics,
+            by_name,
             models_json,
-            budgets,
-            shadow_slots: crate::shadow::slots(&config.models),
             config,
         })
+    }
+
+    /// The configured model of this name.
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.by_name.get(name).map(|&i| &self.models[i])
     }
 }
 
@@ -278,7 +292,6 @@ impl AppState {
             ledger,
             otel,
             comparison: Comparison::default(),
-            limiter: limiter.clone(),
         });
         let upstreams = UpstreamRegistry::default();
         let runtime = Runtime::new(config, &upstreams, &metrics)?;
@@ -312,21 +325,11 @@ impl AppState {
 
 /// Creates zero-valued series for what the config makes possible, so that
 /// dashboards and `rate()` see zeros rather than gaps before first use.
+/// Series with a handle resolved at config load (failovers, hedges,
+/// retries, per-model latency, tokens and cost, shadows) exist already.
 fn preregister(metrics: &Metrics, runtime: &Runtime) {
-    crate::shadow::preregister(metrics, runtime);
     for u in &runtime.upstreams {
         metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
-        for reason in [
-            "connect",
-            "timeout",
-            "reset",
-            "server_error",
-            "malformed",
-            "rate_limited",
-            "auth",
-        ] {
-            metrics.retries.with_label_values(&[&u.name, reason]);
-        }
         for (from, to) in [
             ("closed", "open"),
             ("open", "half_open"),
@@ -336,25 +339,11 @@ fn preregister(metrics: &Metrics, runtime: &Runtime) {
             metrics.circuit_transitions.with_label_values(&[&u.name, from, to]);
         }
     }
-    for m in &runtime.config.models {
-        let model = m.name.as_str();
-        metrics.requests.with_label_values(&[model, "200", "success"]);
-        let names: Vec<&str> = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
-        for from in &names {
-            metrics.ttft.with_label_values(&[model, from]);
-            metrics.inter_token.with_label_values(&[model, from]);
-            for to in names.iter().filter(|to| to != &from) {
-                metrics.failovers.with_label_values(&[model, from, to]);
-            }
-        }
-        if m.hedge.is_some() {
-            for result in ["won", "lost"] {
-                metrics.hedges.with_label_values(&[model, result]);
-            }
-        }
+    for m in &runtime.models {
+        m.metrics.request(200, Outcome::Success);
     }
-    metrics.preregister(runtime.config.models.iter().map(|m| {
-        let upstreams = m.targets.iter().map(|t| &*runtime.upstreams[t.upstream].name).collect();
-        (m.name.as_str(), upstreams)
+    metrics.preregister(runtime.models.iter().map(|m| {
+        let upstreams = m.route.targets.iter().map(|t| &*t.upstream.name).collect();
+        (&*m.route.label, upstreams)
     }));
 }

@@ -17,32 +17,66 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::HeaderMap;
+use prometheus::{Counter, Histogram, IntCounter};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::gateway::state::Runtime;
+use crate::config::ShadowConfig;
+use crate::outcome::{ErrorType, Outcome, Status, Verdict};
+use crate::ratelimit::Limiter;
 use crate::request::{Endpoint, ParsedRequest};
 use crate::sse::ReadError;
 use crate::telemetry::comparison::{content_hash, message_text, stream_text};
 use crate::telemetry::ledger::LedgerLine;
-use crate::telemetry::metrics::{Metrics, Outcome, TOKEN_TYPES};
+use crate::telemetry::metrics::{Metrics, TOKEN_TYPES};
 use crate::telemetry::Sinks;
-use crate::upstream::{Attempt, Reply};
+use crate::upstream::{Attempt, Reply, Upstream};
 use crate::usage::Usage;
 
-/// Per-model shadow slots (`max_in_flight`), same order as `config.models`.
-pub fn slots(runtime_models: &[crate::config::ModelConfig]) -> Vec<Option<Arc<Semaphore>>> {
-    runtime_models
-        .iter()
-        .map(|m| m.shadow.as_ref().map(|s| Arc::new(Semaphore::new(s.max_in_flight))))
-        .collect()
+/// A model's shadow, built once per config: where it goes, its slots
+/// (`max_in_flight`), and its metric handles.
+pub struct Shadow {
+    /// The primary model's name (a metric label).
+    model: Arc<str>,
+    config: ShadowConfig,
+    upstream: Arc<Upstream>,
+    slots: Arc<Semaphore>,
+    max_response_bytes: usize,
+    dropped: IntCounter,
+    duration: Histogram,
+    ttft: Histogram,
+    cost: Counter,
+}
+
+impl Shadow {
+    pub fn new(
+        model: &str,
+        config: ShadowConfig,
+        upstream: Arc<Upstream>,
+        max_response_bytes: usize,
+        metrics: &Metrics,
+    ) -> Self {
+        let labels = [model, &*upstream.name];
+        Self {
+            model: Arc::from(model),
+            slots: Arc::new(Semaphore::new(config.max_in_flight)),
+            dropped: metrics.shadow_dropped.with_label_values(&[model]),
+            duration: metrics.shadow_duration.with_label_values(&labels),
+            ttft: metrics.shadow_ttft.with_label_values(&labels),
+            cost: metrics.shadow_cost.with_label_values(&labels),
+            config,
+            upstream,
+            max_response_bytes,
+        }
+    }
 }
 
 /// What a shadow needs from the primary request.
 pub struct Mirror {
-    pub runtime: Arc<Runtime>,
+    pub shadow: Arc<Shadow>,
     pub sinks: Arc<Sinks>,
-    pub model: usize,
+    /// Shadows count against the shadow upstream's rate limits.
+    pub limiter: Limiter,
     pub endpoint: Endpoint,
     pub parsed: ParsedRequest,
     pub body: Bytes,
@@ -54,23 +88,12 @@ pub struct Mirror {
 /// Decides whether this request is mirrored and, if so, spawns the shadow.
 /// Returns true when a shadow was started.
 pub fn maybe_mirror(mirror: Mirror) -> bool {
-    let model = &mirror.runtime.config.models[mirror.model];
-    let Some(shadow) = &model.shadow else {
-        return false;
-    };
-    if fastrand::f64() >= shadow.sample {
+    let shadow = &mirror.shadow;
+    if fastrand::f64() >= shadow.config.sample {
         return false;
     }
-    let Some(slots) = &mirror.runtime.shadow_slots[mirror.model] else {
-        return false;
-    };
-    let Ok(permit) = slots.clone().try_acquire_owned() else {
-        mirror
-            .sinks
-            .metrics
-            .shadow_dropped
-            .with_label_values(&[&model.name])
-            .inc();
+    let Ok(permit) = shadow.slots.clone().try_acquire_owned() else {
+        shadow.dropped.inc();
         return false;
     };
     tokio::spawn(async move {
@@ -90,28 +113,21 @@ struct Outcome2 {
 }
 
 async fn run(m: &Mirror) {
-    let runtime = &m.runtime;
-    let model = &runtime.config.models[m.model];
-    let Some(shadow) = &model.shadow else {
-        return;
-    };
-    let upstream = &runtime.upstreams[shadow.upstream];
+    let shadow = &*m.shadow;
+    let upstream = &shadow.upstream;
     let started = Instant::now();
-    let result = attempt(m, shadow, started).await;
+    let result = attempt(m, started).await;
     let elapsed = started.elapsed();
 
     let metrics = &m.sinks.metrics;
-    let labels = [model.name.as_str(), &*upstream.name];
+    let labels = [&*shadow.model, &*upstream.name];
     metrics
         .shadow_requests
         .with_label_values(&[labels[0], labels[1], result.outcome.as_str()])
         .inc();
-    metrics
-        .shadow_duration
-        .with_label_values(&labels)
-        .observe(elapsed.as_secs_f64());
+    shadow.duration.observe(elapsed.as_secs_f64());
     if let Some(t) = result.ttft {
-        metrics.shadow_ttft.with_label_values(&labels).observe(t.as_secs_f64());
+        shadow.ttft.observe(t.as_secs_f64());
     }
     let usage = result.usage.unwrap_or_default();
     for (kind, n) in TOKEN_TYPES
@@ -125,9 +141,9 @@ async fn run(m: &Mirror) {
                 .inc_by(n);
         }
     }
-    let cost = shadow.price.map_or(0.0, |p| usage.cost(&p));
+    let cost = shadow.config.price.map_or(0.0, |p| usage.cost(&p));
     if cost > 0.0 {
-        metrics.shadow_cost.with_label_values(&labels).inc_by(cost);
+        shadow.cost.inc_by(cost);
     }
     let hash = (m.parsed.temperature_zero)
         .then(|| result.text.as_deref().map(content_hash))
@@ -136,9 +152,9 @@ async fn run(m: &Mirror) {
         time: crate::telemetry::ledger::format_time(SystemTime::now()),
         request_id: m.request_id.clone(),
         key: m.key.to_string(),
-        model: model.name.clone(),
+        model: shadow.model.to_string(),
         upstream: Some(upstream.name.to_string()),
-        upstream_model: Some(shadow.model.clone()),
+        upstream_model: Some(shadow.config.model.clone()),
         status: result.status,
         outcome: result.outcome.as_str().to_owned(),
         stream: m.parsed.stream,
@@ -163,8 +179,9 @@ async fn run(m: &Mirror) {
 }
 
 /// One attempt at the shadow upstream, read to the end.
-async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Instant) -> Outcome2 {
-    let upstream = &m.runtime.upstreams[shadow.upstream];
+async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
+    let shadow = &*m.shadow;
+    let upstream = &shadow.upstream;
     let fail = |outcome, status| Outcome2 {
         outcome,
         status,
@@ -176,7 +193,7 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
         Ok(t) => t,
         Err(_) => return fail(Outcome::CircuitOpen, 503),
     };
-    let limiter = m.sinks.limiter.clone();
+    let limiter = &m.limiter;
     let admission = if limiter.has_rules() {
         let estimate = crate::ratelimit::estimate_tokens(&m.body, limiter.settings().default_max_tokens);
         match limiter.admit_upstream(&upstream.name, estimate).await {
@@ -191,12 +208,12 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
         .send(
             Attempt {
                 endpoint: m.endpoint,
-                body: m.parsed.body_for(&m.body, &shadow.model),
+                body: m.parsed.body_for(&m.body, &shadow.config.model),
                 headers: m.headers.clone(),
                 stream: m.parsed.stream,
                 deadline,
             },
-            m.runtime.config.server.max_response_bytes,
+            shadow.max_response_bytes,
         )
         .await;
     let want_text = m.parsed.temperature_zero;
@@ -209,13 +226,14 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
             status, body, usage, ..
         }) => {
             let code = status.as_u16();
-            match crate::stack::classify_status(code) {
-                Some(error) => ticket.failure(error),
-                None if status.is_success() => ticket.success(),
-                None => drop(ticket),
+            let row = Status::of(code);
+            match row.verdict {
+                Verdict::Success => ticket.success(),
+                Verdict::Failure(error) => ticket.failure(error),
+                _ => drop(ticket),
             }
             Outcome2 {
-                outcome: Outcome::of_status(code),
+                outcome: row.outcome,
                 status: code,
                 usage,
                 ttft: None,
@@ -246,7 +264,7 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
                 }
             }
             if broken || !done {
-                ticket.failure(crate::telemetry::metrics::ErrorType::Reset);
+                ticket.failure(ErrorType::Reset);
             } else {
                 ticket.success();
             }
@@ -268,16 +286,4 @@ async fn attempt(m: &Mirror, shadow: &crate::config::ShadowConfig, started: Inst
         admission.reconcile(used).await;
     }
     out
-}
-
-/// Metric handles exist for every shadowed model up front.
-pub fn preregister(metrics: &Metrics, runtime: &Runtime) {
-    for m in &runtime.config.models {
-        if let Some(s) = &m.shadow {
-            let upstream = &*runtime.upstreams[s.upstream].name;
-            metrics.shadow_dropped.with_label_values(&[&m.name]);
-            metrics.shadow_cost.with_label_values(&[&m.name, upstream]);
-            metrics.shadow_duration.with_label_values(&[&m.name, upstream]);
-        }
-    }
 }

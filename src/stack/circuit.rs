@@ -1,13 +1,13 @@
 //! The breaker as a tower layer: it gates each attempt with the target
 //! upstream's breaker (`upstream::breaker`) and feeds it the attempt's outcome.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use super::{classify, Answer, AttemptError, Call, Class};
+use super::call::{classify, Answer, AttemptError, BoxFuture, Call};
+use crate::outcome::Verdict;
+use crate::upstream::Reply;
 
 /// Gates attempts with the target upstream's breaker and feeds it each
 /// attempt's outcome.
@@ -33,7 +33,7 @@ where
 {
     type Response = Answer;
     type Error = AttemptError;
-    type Future = Pin<Box<dyn Future<Output = Result<Answer, AttemptError>> + Send>>;
+    type Future = BoxFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
         self.inner.poll_ready(cx)
@@ -44,17 +44,33 @@ where
         let ticket = match breaker.try_acquire() {
             Ok(t) => t,
             Err(retry_after) => {
-                let upstream = call.upstream_index();
+                let upstream = call.upstream().index;
                 return Box::pin(async move { Err(AttemptError::circuit_open(upstream, retry_after)) });
             }
         };
         let fut = self.inner.call(call);
         Box::pin(async move {
-            let result = fut.await;
-            match classify(&result) {
-                Class::Success => ticket.success(),
-                Class::Failure(error) => ticket.failure(error),
-                // 429, 401/403, client 4xx and skips say nothing about health.
+            let mut result = fut.await;
+            match (classify(&result), &mut result) {
+                // A committed stream is judged when it ends (the request
+                // record settles the ticket), so a stream that breaks after
+                // its first event counts once, as a failure. A half-open
+                // probe settles here, at the first event: holding the probe
+                // slot for a minutes-long stream would keep the breaker
+                // half-open that long.
+                (
+                    Verdict::Success,
+                    Ok(
+                        answer @ Answer {
+                            reply: Reply::Stream { .. },
+                            ..
+                        },
+                    ),
+                ) if !ticket.is_probe() => answer.ticket = Some(ticket),
+                (Verdict::Success, _) => ticket.success(),
+                (Verdict::Failure(error), _) => ticket.failure(error),
+                // 429, 401/403, client 4xx, 501/505 and skips say nothing
+                // about health.
                 _ => drop(ticket),
             }
             result

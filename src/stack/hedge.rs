@@ -12,21 +12,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{select, Either};
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{Answer, AttemptError, BoxFuture, Call};
+use super::call::{Answer, AttemptError, BoxFuture, Call};
+use super::route::Route;
 use crate::config::Hedge;
 
 #[derive(Clone)]
 pub struct HedgeLayer {
-    hedge: Option<Hedge>,
-    budget: Arc<TpsBudget>,
+    route: Arc<Route>,
 }
 
 impl HedgeLayer {
-    pub fn new(hedge: Option<Hedge>, budget: Arc<TpsBudget>) -> Self {
-        Self { hedge, budget }
+    pub fn new(route: Arc<Route>) -> Self {
+        Self { route }
     }
 }
 
@@ -35,8 +35,7 @@ impl<S> Layer<S> for HedgeLayer {
     fn layer(&self, inner: S) -> HedgeService<S> {
         HedgeService {
             inner,
-            hedge: self.hedge,
-            budget: self.budget.clone(),
+            route: self.route.clone(),
         }
     }
 }
@@ -44,8 +43,7 @@ impl<S> Layer<S> for HedgeLayer {
 #[derive(Clone)]
 pub struct HedgeService<S> {
     inner: S,
-    hedge: Option<Hedge>,
-    budget: Arc<TpsBudget>,
+    route: Arc<Route>,
 }
 
 impl<S> Service<Call> for HedgeService<S>
@@ -62,7 +60,7 @@ where
     }
 
     fn call(&mut self, call: Call) -> BoxFuture {
-        let delay = match self.hedge {
+        let delay = match self.route.hedge {
             None => None,
             Some(Hedge::After(d)) => Some(d),
             Some(Hedge::P95) => call.upstream().state.first_byte.p95(),
@@ -72,7 +70,7 @@ where
         };
         let inner = self.inner.clone();
         let primary_fut = Box::pin(self.inner.call(call.clone()));
-        let budget = self.budget.clone();
+        let route = self.route.clone();
         Box::pin(async move {
             let mut primary = primary_fut;
             let sleep = Box::pin(tokio::time::sleep(delay));
@@ -80,39 +78,32 @@ where
                 Either::Left((result, _)) => return result,
                 Either::Right(((), pending)) => primary = pending,
             }
-            let ctx = call.ctx.clone();
-            let primary_upstream = call.upstream_index();
-            let Some(target) = ctx.pick(|t| t.upstream != primary_upstream) else {
+            let primary_upstream = call.upstream().index;
+            let Some(target) = route.pick(|t| t.upstream.index != primary_upstream) else {
                 return primary.await;
             };
-            if !budget.withdraw() {
+            if !route.budget.withdraw() {
                 return primary.await;
             }
-            let hedge_call = Call {
-                target,
-                ctx: ctx.clone(),
-            };
+            let hedge_call = Call { target, ctx: call.ctx };
             let hedge = Box::pin(inner.oneshot(hedge_call));
-            let record = |result: &str| {
-                ctx.metrics.hedges.with_label_values(&[ctx.model_label(), result]).inc();
-            };
             match select(primary, hedge).await {
                 Either::Left((Ok(answer), _)) => {
-                    record("lost");
+                    route.count_hedge(false);
                     Ok(answer)
                 }
                 Either::Right((Ok(answer), _)) => {
-                    record("won");
+                    route.count_hedge(true);
                     Ok(answer)
                 }
                 // One failed: the other may still answer.
                 Either::Left((Err(_), hedge)) => {
                     let result = hedge.await;
-                    record(if result.is_ok() { "won" } else { "lost" });
+                    route.count_hedge(result.is_ok());
                     result
                 }
                 Either::Right((Err(_), primary)) => {
-                    record("lost");
+                    route.count_hedge(false);
                     primary.await
                 }
             }

@@ -1,15 +1,19 @@
-//! Upstream-scoped rate limits, per attempt: the relay account's own quota.
-//! A refusal made no upstream call, so the retry policy treats it like a
-//! full upstream and fails over; with nowhere to go, the client gets the
-//! limiter's 429. Key, model and global rules run once per request, before
-//! the stack, in `proxy`.
+//! The per-attempt gates of an upstream, inside the breaker (a refusal is not
+//! ill health) and outside the attempt (a refused attempt makes no call):
+//!
+//! - `UpstreamLimit`: upstream-scoped rate limits, the relay account's own
+//!   quota. A refusal made no upstream call, so the retry policy treats it
+//!   like a full upstream and fails over; with nowhere to go, the client
+//!   gets the limiter's 429. Key, model and global rules run once per
+//!   request, before the stack, in `gateway::handle`.
+//! - `Concurrency`: the upstream's `max_concurrency`, a fast refusal when full.
 
 use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use super::{Answer, AttemptError, BoxFuture, Call};
-use crate::telemetry::metrics::ErrorType;
+use super::call::{Answer, AttemptError, BoxFuture, Call};
+use crate::outcome::ErrorType;
 
 #[derive(Clone, Default)]
 pub struct UpstreamLimitLayer;
@@ -46,7 +50,7 @@ where
         }
         let mut inner = self.inner.clone();
         Box::pin(async move {
-            let upstream = call.upstream_index();
+            let upstream = call.upstream().index;
             let name = call.upstream().name.clone();
             let admission = limiter
                 .admit_upstream(&name, call.ctx.estimated_tokens)
@@ -68,6 +72,58 @@ where
                     Err(e)
                 }
             }
+        })
+    }
+}
+
+/// The upstream's `max_concurrency`: refuse at once when it is full, so the
+/// retry policy can fail over instead of queueing without bound. tower's
+/// `ConcurrencyLimit` would wait for a slot, and free it when the response
+/// headers go out; a stream holds its slot to its last byte (`Answer::permit`).
+#[derive(Clone, Default)]
+pub struct ConcurrencyLayer;
+
+impl<S> Layer<S> for ConcurrencyLayer {
+    type Service = Concurrency<S>;
+    fn layer(&self, inner: S) -> Concurrency<S> {
+        Concurrency { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Concurrency<S> {
+    inner: S,
+}
+
+impl<S> Service<Call> for Concurrency<S>
+where
+    S: Service<Call, Response = Answer, Error = AttemptError> + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Answer;
+    type Error = AttemptError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> BoxFuture {
+        let permit = match &call.upstream().limit {
+            None => None,
+            Some(limit) => match limit.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let upstream = call.upstream().index;
+                    return Box::pin(async move { Err(AttemptError::overloaded(upstream)) });
+                }
+            },
+        };
+        let fut = self.inner.call(call);
+        Box::pin(async move {
+            let mut answer = fut.await?;
+            answer.permit = permit;
+            Ok(answer)
         })
     }
 }

@@ -27,28 +27,29 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 use tower::retry::Policy;
 
-use super::{classify, Answer, AttemptError, Call, Class};
+use super::call::{classify, Answer, AttemptError, Call};
+use super::route::Route;
 use crate::error::retry_after_secs;
-use crate::telemetry::metrics::ErrorType;
-use crate::upstream::Reply;
+use crate::outcome::{ErrorType, Verdict};
+use crate::upstream::{retry_after_hint, Reply};
 
 /// A 429 without a usable hint cools its upstream this long.
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct FailoverPolicy {
-    budget: Arc<TpsBudget>,
+    route: Arc<Route>,
     /// Upstreams this request has been sent to (or refused by), in order.
     tried: Vec<usize>,
 }
 
 impl FailoverPolicy {
-    pub fn new(budget: Arc<TpsBudget>) -> Self {
+    pub fn new(route: Arc<Route>) -> Self {
         Self {
-            budget,
+            route,
             tried: Vec::with_capacity(4),
         }
     }
@@ -64,41 +65,47 @@ impl Policy<Call, Answer, AttemptError> for FailoverPolicy {
     }
 
     fn retry(&mut self, req: &mut Call, result: &mut Result<Answer, AttemptError>) -> Option<Sleep> {
-        let ctx = req.ctx.clone();
-        let failed = req.upstream_index();
+        let route = &*self.route;
+        let failed = req.upstream().index;
         if !self.tried.contains(&failed) {
             self.tried.push(failed);
         }
-        let retry = &ctx.runtime.config.retry;
-        let class = classify(result);
-        let (reason, same_upstream_ok) = match class {
-            Class::Success | Class::Neutral | Class::Final => return None,
-            Class::Failure(e) => (e, true),
-            Class::Auth => (ErrorType::Auth, false),
-            Class::Skip(e) => (e, false),
-            Class::RateLimited(hint) => {
+        let retry = &route.retry;
+        let verdict = classify(result);
+        let (reason, same_upstream_ok) = match verdict {
+            Verdict::Success | Verdict::Neutral | Verdict::Final => return None,
+            Verdict::Failure(e) => (e, true),
+            Verdict::Auth => (ErrorType::Auth, false),
+            Verdict::Skip(e) => (e, false),
+            Verdict::RateLimited => {
+                let hint = match result {
+                    Ok(Answer {
+                        reply: Reply::Full { headers, .. },
+                        ..
+                    }) => retry_after_hint(headers),
+                    _ => None,
+                };
                 let cooldown = hint.unwrap_or(DEFAULT_COOLDOWN).min(retry.retry_after_cap);
                 req.upstream().state.cool_for(cooldown);
                 (ErrorType::RateLimited, false)
             }
         };
-        let skip = matches!(class, Class::Skip(_));
-        let attempts = ctx.attempts.load(Ordering::Acquire);
+        let skip = matches!(verdict, Verdict::Skip(_));
+        let attempts = req.ctx.attempts.load(Ordering::Acquire);
         if !skip && attempts >= retry.max_attempts {
             finish_rate_limited(req, result);
             return None;
         }
 
-        let model = ctx.model();
         let tried = &self.tried;
-        let untried = ctx.pick(|t| !tried.contains(&t.upstream));
+        let untried = route.pick(|t| !tried.contains(&t.upstream.index));
         let (next, wait) = match untried {
             Some(t) => (t, Duration::ZERO),
-            None if same_upstream_ok => match ctx.pick(|_| true) {
+            None if same_upstream_ok => match route.pick(|_| true) {
                 Some(t) => (t, backoff(retry.base_delay, retry.max_delay, attempts)),
                 None => return None,
             },
-            None if matches!(class, Class::RateLimited(_)) => {
+            None if verdict == Verdict::RateLimited => {
                 // Nowhere else to go: wait out this upstream's cooldown if it fits.
                 let cooldown = req.upstream().state.cooldown();
                 (req.target, cooldown)
@@ -108,31 +115,20 @@ impl Policy<Call, Answer, AttemptError> for FailoverPolicy {
                 return None;
             }
         };
-        if Instant::now() + wait >= ctx.deadline {
+        if Instant::now() + wait >= req.ctx.deadline {
             finish_rate_limited(req, result);
             return None;
         }
-        if !skip && !self.budget.withdraw() {
-            tracing::debug!(model = ctx.model_label(), "retry budget exhausted");
+        if !skip && !route.budget.withdraw() {
+            tracing::debug!(model = &*route.label, "retry budget exhausted");
             finish_rate_limited(req, result);
             return None;
         }
 
-        let to = model.targets[next].upstream;
-        let from_name = &ctx.runtime.upstreams[failed].name;
         if !skip {
-            ctx.metrics
-                .retries
-                .with_label_values(&[from_name, reason.as_str()])
-                .inc();
+            req.upstream().metrics.retry(reason);
         }
-        if to != failed {
-            let to_name = &ctx.runtime.upstreams[to].name;
-            ctx.metrics
-                .failovers
-                .with_label_values(&[ctx.model_label(), from_name, to_name])
-                .inc();
-        }
+        route.count_failover(req.target, next);
         req.target = next;
         Some(Box::pin(async move {
             if !wait.is_zero() {

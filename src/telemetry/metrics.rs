@@ -436,13 +436,44 @@ impl<const N: usize> StatusCells<N> {
 pub struct UpstreamMetrics {
     attempts: StatusCells<{ ErrorType::ALL.len() }>,
     duration: Histogram,
+    /// `relaygate_retries_total{upstream,reason}`, in `RETRY_REASONS` order.
+    retries: [IntCounter; RETRY_REASONS.len()],
+    retries_family: IntCounterVec,
+    upstream: Arc<str>,
 }
+
+/// The reasons an attempt is retried for (the failures of the table in
+/// `outcome`, and the two that fail over: 429 and 401/403).
+pub const RETRY_REASONS: [ErrorType; 7] = [
+    ErrorType::Connect,
+    ErrorType::Timeout,
+    ErrorType::Reset,
+    ErrorType::ServerError,
+    ErrorType::Malformed,
+    ErrorType::RateLimited,
+    ErrorType::Auth,
+];
 
 impl UpstreamMetrics {
     pub fn new(metrics: &Metrics, upstream: &str) -> Self {
         Self {
             attempts: StatusCells::new(&metrics.upstream_requests, upstream),
             duration: metrics.upstream_duration.with_label_values(&[upstream]),
+            retries: RETRY_REASONS.map(|r| metrics.retries.with_label_values(&[upstream, r.as_str()])),
+            retries_family: metrics.retries.clone(),
+            upstream: Arc::from(upstream),
+        }
+    }
+
+    /// One retry away from this upstream, in `relaygate_retries_total`.
+    pub fn retry(&self, reason: ErrorType) {
+        match RETRY_REASONS.iter().position(|&r| r == reason) {
+            Some(i) => self.retries[i].inc(),
+            // Not a reason the table retries for; counted all the same.
+            None => self
+                .retries_family
+                .with_label_values(&[&*self.upstream, reason.as_str()])
+                .inc(),
         }
     }
 

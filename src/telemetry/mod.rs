@@ -11,7 +11,6 @@ pub mod window;
 
 use std::sync::Arc;
 
-use crate::ratelimit::Limiter;
 use comparison::Comparison;
 use ledger::Ledger;
 use metrics::{Metrics, ModelMetrics};
@@ -30,6 +29,4 @@ pub struct Sinks {
     pub otel: Option<Exporter>,
     /// Primary vs shadow, per shadowed model (`GET /admin/shadow`).
     pub comparison: Comparison,
-    /// Shadows count against the shadow upstream's rate limits.
-    pub limiter: Limiter,
 }

@@ -167,6 +167,11 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// Admitted as one of the half-open probes.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     pub fn success(mut self) {
         self.settled = true;
         self.breaker.on_success(self.probe);
@@ -288,9 +293,7 @@ impl Breaker {
         }
     }
 
-    /// Records a failure. Also called for a stream that breaks after it was
-    /// committed (and so after its attempt counted as a success).
-    pub fn on_failure(&self, probe: bool, error: ErrorType) {
+    fn on_failure(&self, probe: bool, error: ErrorType) {
         let now = self.now_ms();
         self.last_error.store(error as u8, Ordering::Relaxed);
         self.last_error_at.store(now, Ordering::Relaxed);

@@ -1,0 +1,156 @@
+//! A model's route: its targets with their upstreams, and what the stack
+//! needs to move between them (retry settings, retry budget, hedge), with
+//! the metric handles it counts in, resolved once at config load.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tower::retry::budget::TpsBudget;
+
+use crate::config::{Hedge, ModelConfig, RetryConfig};
+use crate::error::GatewayError;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// One place a model's requests can go.
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    /// The model name sent upstream.
+    pub model: String,
+    pub priority: u32,
+    pub weight: u32,
+}
+
+pub struct Route {
+    /// The model's name: a config name, so a metric label.
+    pub label: Arc<str>,
+    /// Sorted by priority.
+    pub targets: Vec<Target>,
+    pub retry: RetryConfig,
+    pub hedge: Option<Hedge>,
+    /// Retries and hedges spend it (tower's `TpsBudget`).
+    pub budget: Arc<TpsBudget>,
+    /// `server.max_response_bytes`: the most an attempt buffers.
+    pub max_response_bytes: usize,
+    /// `relaygate_failovers_total{model,from,to}` by [from target][to
+    /// target]; `None` where both are on one upstream.
+    failovers: Vec<Vec<Option<IntCounter>>>,
+    /// `relaygate_hedges_total{model,result}`: won, lost.
+    hedges: Option<[IntCounter; 2]>,
+}
+
+impl Route {
+    /// `upstreams`: every configured upstream, in config order.
+    pub fn new(
+        model: &ModelConfig,
+        upstreams: &[Arc<Upstream>],
+        retry: &RetryConfig,
+        max_response_bytes: usize,
+        metrics: &Metrics,
+    ) -> Self {
+        let targets: Vec<Target> = model
+            .targets
+            .iter()
+            .map(|t| Target {
+                upstream: upstreams[t.upstream].clone(),
+                model: t.model.clone(),
+                priority: t.priority,
+                weight: t.weight,
+            })
+            .collect();
+        let failovers = targets
+            .iter()
+            .map(|from| {
+                targets
+                    .iter()
+                    .map(|to| {
+                        (from.upstream.index != to.upstream.index).then(|| {
+                            metrics
+                                .failovers
+                                .with_label_values(&[&*model.name, &from.upstream.name, &to.upstream.name])
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let hedges = model
+            .hedge
+            .map(|_| ["won", "lost"].map(|result| metrics.hedges.with_label_values(&[&model.name, result])));
+        Self {
+            label: Arc::from(model.name.as_str()),
+            targets,
+            retry: retry.clone(),
+            hedge: model.hedge,
+            budget: budget(retry),
+            max_response_bytes,
+            failovers,
+            hedges,
+        }
+    }
+
+    /// A target for the next attempt: the lowest priority among the
+    /// available targets that pass `keep`, by weight within that priority.
+    pub fn pick(&self, keep: impl Fn(&Target) -> bool) -> Option<usize> {
+        let targets = &self.targets;
+        let candidates: Vec<usize> = (0..targets.len())
+            .filter(|&i| keep(&targets[i]) && targets[i].upstream.available())
+            .collect();
+        let best = candidates.iter().map(|&i| targets[i].priority).min()?;
+        let tier: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&i| targets[i].priority == best)
+            .collect();
+        let total: u64 = tier.iter().map(|&i| u64::from(targets[i].weight)).sum();
+        let mut ticket = fastrand::u64(..total.max(1));
+        for &i in &tier {
+            let w = u64::from(targets[i].weight);
+            if ticket < w {
+                return Some(i);
+            }
+            ticket -= w;
+        }
+        tier.last().copied()
+    }
+
+    /// The first target, or why there is none: every breaker open (503 with
+    /// the time to the first half-open), or every upstream cooling or full.
+    pub fn first_target(&self) -> Result<usize, GatewayError> {
+        if let Some(t) = self.pick(|_| true) {
+            return Ok(t);
+        }
+        let upstreams = || self.targets.iter().map(|t| &t.upstream);
+        if upstreams().all(|u| !u.state.breaker.available()) {
+            let retry_after = upstreams()
+                .map(|u| u.state.breaker.retry_after())
+                .min()
+                .unwrap_or_default();
+            return Err(GatewayError::CircuitOpen { retry_after });
+        }
+        // Cooling after a 429, or at max_concurrency: let the first target's
+        // attempt decide (the retry policy waits out a cooldown that fits).
+        Ok(0)
+    }
+
+    /// Counts a move from one target to another on a different upstream.
+    pub fn count_failover(&self, from: usize, to: usize) {
+        if let Some(counter) = &self.failovers[from][to] {
+            counter.inc();
+        }
+    }
+
+    pub fn count_hedge(&self, won: bool) {
+        if let Some([w, l]) = &self.hedges {
+            if won { w } else { l }.inc();
+        }
+    }
+}
+
+/// The retry budget of one model: tower's, from `[retry]`.
+pub fn budget(cfg: &RetryConfig) -> Arc<TpsBudget> {
+    Arc::new(TpsBudget::new(
+        Duration::from_secs(10),
+        cfg.min_retries_per_second,
+        cfg.budget_ratio as f32,
+    ))
+}
