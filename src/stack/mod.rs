@@ -65,3 +65,6 @@ pub async fn call(ctx: Arc<CallContext>, first: usize) -> Result<Answer, Attempt
         .service(attempt::AttemptService);
     stack.oneshot(Call { target: first, ctx }).await
 }
+
+#[cfg(test)]
+mod tests;
