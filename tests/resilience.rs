@@ -226,13 +226,10 @@ async fn a_429_fails_over_at_once_and_cools_the_upstream() {
     .await;
     let b = sim(Faults { ..Faults::default() }).await;
     let gw = Gateway::start(&pair(&a, &b, ""), &[]).await;
-    let started = Instant::now();
+    // No wait before failing over, and the cooldown's length: on the
+    // paused clock in stack::tests (a_429_cools_its_upstream_…).
     let resp = post_chat(&gw, &chat(false)).await;
     assert_eq!(resp.status(), 200);
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "no wait before failing over"
-    );
     let state = upstream_state(&gw, "a").await;
     let cooldown = state["cooldown_remaining_seconds"].as_f64().unwrap();
     assert!(cooldown > 1.5 && cooldown <= 2.0, "{cooldown}");
@@ -249,7 +246,6 @@ async fn a_429_fails_over_at_once_and_cools_the_upstream() {
         post_chat(&gw, &chat(false)).await.headers()["x-relaygate-upstream"] == "a"
     })
     .await;
-    assert!(started.elapsed() >= Duration::from_millis(1900));
 }
 
 #[tokio::test]
@@ -315,9 +311,8 @@ async fn the_breaker_opens_refuses_fast_half_opens_and_closes() {
     }
     assert_eq!(upstream_state(&gw, "a").await["breaker"]["state"], "open");
 
-    let started = Instant::now();
+    // Refused without an upstream call (timing: stack::tests, paused clock).
     let resp = post_chat(&gw, &chat(false)).await;
-    assert!(started.elapsed() < Duration::from_millis(100), "refused fast");
     assert_eq!(resp.status(), 503);
     let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry_after >= 1);
@@ -391,13 +386,10 @@ async fn all_breakers_open_answers_503_fast_with_retry_after() {
         .await;
         assert_eq!(r.status(), 200);
     }
-    let started = Instant::now();
     let resp = post_chat(&gw, &chat(true)).await;
-    let took = started.elapsed();
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "circuit_open");
-    assert!(took < Duration::from_millis(100), "{took:?}");
     assert_eq!(a.stats().requests + b.stats().requests, 0);
     // Reset brings traffic back.
     admin(&gw, reqwest::Method::POST, "/admin/upstreams/a/reset", Some(ADMIN)).await;
@@ -466,17 +458,13 @@ async fn hedging_returns_the_faster_answer_and_cancels_the_slower() {
         .replace("first_byte_timeout = \"1s\"", "first_byte_timeout = \"5s\"")
         .replace("price = {", "hedge_after = \"100ms\"\nprice = {");
     let gw = Gateway::start(&config, &[]).await;
+    // b answers and a is cancelled; when the hedge starts and how long the
+    // race takes: stack::tests (a_hedge_races_…), on the paused clock.
     for stream in [false, true] {
-        let started = Instant::now();
         let resp = post_chat(&gw, &chat(stream)).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-relaygate-upstream"], "b");
         read_all(resp).await;
-        assert!(
-            started.elapsed() < Duration::from_millis(700),
-            "{:?}",
-            started.elapsed()
-        );
     }
     eventually(Duration::from_secs(1), "the slower attempts are cancelled", || async {
         a.stats().requests_cancelled == 2

@@ -307,9 +307,11 @@ async fn a_429_cools_its_upstream_for_the_hint_capped_and_fails_over() {
         };
         (Duration::ZERO, answer(call, reply))
     });
+    let started = Instant::now();
     let result = through_retry(&route, &ctx, inner).await;
     assert_eq!(status_of(&result), Some(200));
     assert_eq!(script.calls(), ["a", "b"]);
+    assert_eq!(started.elapsed(), Duration::ZERO, "no wait before failing over");
     let a = &route.targets[0].upstream;
     assert_eq!(a.state.cooldown(), Duration::from_secs(5), "60 s asked, capped at 5 s");
     assert!(!a.available());
