@@ -819,3 +819,28 @@ async fn a_thousand_random_model_names_add_no_series() {
     assert_eq!(before, after, "no new series");
     assert!(!text.contains("random-"));
 }
+
+/// RFC 9110 §7.6.1: the headers a client's `Connection` lists are hop-by-hop
+/// and stop at relaygate, whichever of several `Connection` lines names them.
+#[tokio::test]
+async fn headers_named_in_connection_are_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = Sim::start("a", Faults::default()).await.unwrap();
+    let gw = Gateway::with_sim(&sim).await;
+    let body = chat(false).to_string();
+    let extra = "connection: X-Foo\r\nconnection: keep-alive, x-bar\r\nx-foo: 1\r\nx-bar: 2\r\nx-keep: 3\r\n";
+    let mut conn = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    conn.write_all(format!("{}{body}", raw_chat_head(body.len(), extra)).as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 12];
+    conn.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let seen = sim.last_request().unwrap().headers;
+    assert_eq!(seen["x-keep"], "3", "{seen:?}");
+    for hop in ["x-foo", "x-bar", "connection", "keep-alive"] {
+        assert!(!seen.contains_key(hop), "{hop} reached the upstream: {seen:?}");
+    }
+}

@@ -507,21 +507,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName, connection: Option<&HeaderValue>) -> bool {
-    HOP_BY_HOP.contains(name)
-        || connection
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(name.as_str())))
+/// The header names a message's `Connection` headers list (RFC 9110
+/// §7.6.1): hop-by-hop too. Every `Connection` line counts, not only the
+/// first (a client may send `Connection: keep-alive` and `Connection: X-Foo`).
+fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Client headers to send upstream: everything but hop-by-hop headers, the
 /// client's credentials (the upstream key is injected instead), and headers
 /// relaygate sets itself.
 pub fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
-    let connection = client.get(header::CONNECTION);
+    let has_connection = client.contains_key(header::CONNECTION);
     let mut out = HeaderMap::with_capacity(client.len());
     for (name, value) in client {
-        let drop = is_hop_by_hop(name, connection)
+        let drop = HOP_BY_HOP.contains(name)
+            || (has_connection && connection_listed(client).any(|t| t.eq_ignore_ascii_case(name.as_str())))
             || matches!(
                 name.as_str(),
                 "authorization"
@@ -556,12 +563,14 @@ fn response_headers(mut headers: HeaderMap) -> HeaderMap {
         header::SERVER,
         HeaderName::from_static("alt-svc"),
     ];
-    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(listed) = connection.to_str() {
-            for name in listed.split(',') {
-                headers.remove(name.trim());
-            }
+    // One `Connection` line at a time (a cheap clone of its bytes), since
+    // removing what it lists needs the map mutably; no allocation.
+    let mut line = 0;
+    while let Some(value) = headers.get_all(header::CONNECTION).iter().nth(line).cloned() {
+        for name in value.to_str().unwrap_or_default().split(',') {
+            headers.remove(name.trim());
         }
+        line += 1;
     }
     for name in HOP_BY_HOP.iter().chain(&ALSO_DROPPED) {
         headers.remove(name);
@@ -633,7 +642,9 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Bearer client-secret"));
         h.insert("x-api-key", HeaderValue::from_static("client-secret"));
         h.insert("connection", HeaderValue::from_static("keep-alive, x-custom-hop"));
+        h.append("connection", HeaderValue::from_static("X-Second-Hop"));
         h.insert("x-custom-hop", HeaderValue::from_static("1"));
+        h.insert("x-second-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("openai-beta", HeaderValue::from_static("assistants=v2"));
         h.insert("x-request-id", HeaderValue::from_static("abc"));
@@ -651,7 +662,9 @@ mod tests {
         h.insert("set-cookie", HeaderValue::from_static("__cf_bm=1"));
         h.insert("x-request-id", HeaderValue::from_static("up-1"));
         h.insert("connection", HeaderValue::from_static("keep-alive, X-Hop"));
+        h.append("connection", HeaderValue::from_static("x-other-hop"));
         h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-other-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.append("set-cookie", HeaderValue::from_static("b=2"));
         let out = response_headers(h);
