@@ -50,7 +50,8 @@ BODY='{"model":"deepseek-chat","max_tokens":64,"messages":[{"role":"user","conte
 # --- tools --------------------------------------------------------------------
 need() { command -v "$1" >/dev/null || { echo "bench: $1 not found: $2" >&2; exit 1; }; }
 export PATH="$PATH:$HOME/.cargo/bin"
-need oha "cargo install oha --locked"
+# --ab measures saturation only (wrk); the full run also needs oha.
+[ -n "$AB_OLD" ] || need oha "cargo install oha --locked"
 need wrk "apt-get install wrk"
 need nginx "apt-get install nginx"
 need taskset "apt-get install util-linux"

@@ -82,7 +82,7 @@ pub fn from_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
 const USAGE_KEY_BYTES: &[u8] = b"\"usage\"";
 
 /// A searcher for `"usage"`, built once: `memchr::memmem::find` builds one
-/// per call, which costs more than the search. Shared with `streaming`.
+/// per call, which costs more than the search. Shared with `sse`.
 pub(crate) static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(USAGE_KEY_BYTES));
 

@@ -1,10 +1,10 @@
-//! The HTTP surface. Handlers are thin: the proxied path is `proxy::handle`.
+//! The HTTP surface. Handlers are thin: the proxied path is `gateway::handle`.
 //!
 //! Server layers, outermost first:
 //! 1. `SetRequestId`: takes the client's `x-request-id` or makes one;
 //! 2. `PropagateRequestId`: returns it on every response;
 //! 3. `Routes`: `POST /v1/{chat/completions,completions,embeddings}` to
-//!    `proxy::handle`; everything else to the router: `/v1/models`,
+//!    `gateway::handle`; everything else to the router: `/v1/models`,
 //!    `/health*`, `/metrics`, `/admin/*`, and a fallback that answers
 //!    unknown paths (and other methods on the proxied ones) with
 //!    OpenAI-shaped 404s.

@@ -37,7 +37,7 @@ pub struct Trace {
     pub context: TraceContext,
     pub span_id: [u8; 8],
     pub started: SystemTime,
-    /// Filled by the attempts (see `layers::AttemptService`).
+    /// Filled by the attempts (see `stack::attempt`).
     pub attempts: Arc<Mutex<Vec<AttemptSpan>>>,
 }
 

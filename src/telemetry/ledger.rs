@@ -1,5 +1,5 @@
 //! The usage ledger: one JSON line per finished request, for billing
-//! reconciliation (`relaygate usage` reads it back, see `usage_report`).
+//! reconciliation (`relaygate usage` reads it back, see `cmd::usage`).
 //!
 //! A request never waits on the ledger. `Ledger::record` is a `try_send` into
 //! a bounded queue; when the queue is full the line is dropped and counted in
