@@ -4,11 +4,8 @@
 //! the usage ledger and the trace spans. If the request is dropped before it
 //! finishes (the client went away), `Drop` records it as cancelled.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
@@ -16,38 +13,27 @@ use tokio::time::Instant;
 
 use crate::config::Price;
 use crate::error::GatewayError;
+use crate::outcome::{ErrorType, Outcome};
 use crate::ratelimit::Admission;
 use crate::request::Endpoint;
 use crate::sse;
-use crate::telemetry::access_log::AccessLine;
-use crate::telemetry::ledger::LedgerLine;
-use crate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, ModelUpstreamMetrics, Outcome, UpstreamMetrics};
-use crate::telemetry::otel::{AttemptSpan, RequestSpan, TraceContext};
-use crate::telemetry::window::Sample;
+use crate::telemetry::comparison::content_hash;
+use crate::telemetry::metrics::{ModelMetrics, ModelUpstreamMetrics};
+use crate::telemetry::otel::{AttemptSpan, TraceContext};
+use crate::telemetry::request::{Finished, Trace};
 use crate::telemetry::Sinks;
 use crate::upstream::breaker::Ticket;
-use crate::upstream::{Upstream, UpstreamState};
+use crate::upstream::Upstream;
 use crate::usage::Usage;
 
 /// The status logged for a request the client abandoned (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
 
-/// The trace of one request, when OTLP export is on.
-pub struct Trace {
-    pub context: TraceContext,
-    pub span_id: [u8; 8],
-    pub started: SystemTime,
-    /// Filled by the attempts (see `stack::attempt`).
-    pub attempts: Arc<Mutex<Vec<AttemptSpan>>>,
-}
-
 pub struct RequestRecord {
     sinks: Arc<Sinks>,
-    metrics: Arc<Metrics>,
     started: Instant,
     endpoint: Endpoint,
     upstream_model: Option<String>,
-    upstream_state: Option<Arc<UpstreamState>>,
     /// Prompt tokens estimated from the body, for a stream that ends before
     /// its usage chunk. Only the number is kept: holding the body for the
     /// life of a stream would cost memory per open stream.
@@ -65,9 +51,8 @@ pub struct RequestRecord {
     key: Arc<str>,
     model: Arc<ModelMetrics>,
     price: Option<Price>,
-    upstream: Option<Arc<str>>,
-    /// The upstream's attempt metrics and this model's metrics there.
-    upstream_metrics: Option<(Arc<UpstreamMetrics>, usize)>,
+    /// The upstream that answered (or, for an error, the last one tried).
+    upstream: Option<Arc<Upstream>>,
     attempts: u32,
     /// A committed stream: the breaker verdict its attempt owes (none for a
     /// half-open probe, settled at the first event), and when it began.
@@ -87,16 +72,13 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn new(sinks: Arc<Sinks>, endpoint: Endpoint, started: Instant, request_id: Option<HeaderValue>) -> Self {
-        let metrics = sinks.metrics.clone();
-        metrics.in_flight.inc();
+        sinks.metrics.in_flight.inc();
         let model = sinks.other_model.clone();
         Self {
             sinks,
-            metrics,
             started,
             endpoint,
             upstream_model: None,
-            upstream_state: None,
             prompt_estimate: 0,
             content_events: 0,
             usage_estimated: false,
@@ -108,7 +90,6 @@ impl RequestRecord {
             model,
             price: None,
             upstream: None,
-            upstream_metrics: None,
             attempts: 0,
             stream_attempt: None,
             upstream_wait: Duration::ZERO,
@@ -135,17 +116,14 @@ impl RequestRecord {
     }
 
     /// The upstream that answered (or, for an error, the last one tried).
-    pub fn set_upstream(&mut self, upstream: &Upstream, upstream_model: Option<&str>) {
-        self.upstream = Some(upstream.name.clone());
-        self.upstream_metrics = Some((upstream.metrics.clone(), upstream.index));
-        self.upstream_state = Some(upstream.state.clone());
+    pub fn set_upstream(&mut self, upstream: &Arc<Upstream>, upstream_model: Option<&str>) {
+        self.upstream = Some(upstream.clone());
         self.upstream_model = upstream_model.map(str::to_owned);
     }
 
     /// This model's metrics at the upstream that answered.
     fn model_at_upstream(&self) -> Option<&ModelUpstreamMetrics> {
-        let (_, index) = self.upstream_metrics.as_ref()?;
-        self.model.at(*index)
+        self.model.at(self.upstream.as_ref()?.index)
     }
 
     /// Estimates the prompt tokens from the request body (bytes / 4 of its
@@ -272,7 +250,7 @@ impl RequestRecord {
 
     /// The upstream of the current attempt, for error messages.
     pub fn upstream_name(&self) -> String {
-        self.upstream.as_deref().unwrap_or("-").to_owned()
+        self.upstream.as_ref().map_or("-", |u| &*u.name).to_owned()
     }
 
     pub fn saw_done(&self) -> bool {
@@ -319,125 +297,34 @@ impl RequestRecord {
                 admission.reconcile_in_background(0);
             }
         }
-        let elapsed = self.started.elapsed();
-        self.model.request(status, outcome).inc();
-        self.model.duration.observe(elapsed.as_secs_f64());
-        if let (Some(usage), Some(at)) = (self.usage, self.model_at_upstream()) {
-            let counts = [usage.prompt, usage.completion, usage.cached_prompt, usage.reasoning];
-            for (counter, n) in at.tokens.iter().zip(counts) {
-                if n > 0 {
-                    counter.inc_by(n);
-                }
-            }
-            if let Some(price) = &self.price {
-                let cost = usage.cost(price);
-                if cost > 0.0 {
-                    at.cost.inc_by(cost);
-                }
-            }
-        }
-        let request_id = self
-            .request_id
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
-        let request_id = request_id.as_str();
-        self.observe_health(elapsed, outcome);
-        self.write_ledger(request_id, status, outcome, elapsed);
-        self.export_trace(status, outcome);
-        crate::telemetry::access_log::write(&AccessLine {
-            request_id,
+        let usage = self.usage;
+        let cost_usd = match (usage, &self.price) {
+            (Some(u), Some(price)) => u.cost(price),
+            _ => 0.0,
+        };
+        let content_hash = self.text.as_deref().map(content_hash);
+        let trace = self.trace.take();
+        self.sinks.write(Finished {
+            request_id: self.request_id(),
             key: &self.key,
-            model: &self.model.label,
-            upstream: self.upstream.as_deref().unwrap_or("-"),
-            status,
-            outcome: outcome.as_str(),
-            error: error_code.unwrap_or("-"),
-            stream: self.stream,
-            attempts: self.attempts,
-            latency: elapsed,
-            ttft: self.ttft,
-            tokens: self.usage.map(|u| (u.prompt, u.completion)),
-            usage_estimated: self.usage_estimated,
-        });
-    }
-
-    fn observe_health(&self, elapsed: Duration, outcome: Outcome) {
-        let sample = Sample {
-            latency: elapsed,
-            ttft: self.ttft,
-            // The same requests the availability SLO counts.
-            eligible: !matches!(
-                outcome,
-                Outcome::ClientError | Outcome::RateLimited | Outcome::Cancelled
-            ),
-            ok: outcome == Outcome::Success,
-        };
-        self.sinks.window.record(&sample);
-        if let Some(state) = &self.upstream_state {
-            state.window.record(&sample);
-        }
-    }
-
-    fn write_ledger(&self, request_id: &str, status: u16, outcome: Outcome, elapsed: Duration) {
-        if self.sinks.ledger.is_none() && !self.compared {
-            return;
-        }
-        let usage = self.usage.unwrap_or_default();
-        let line = LedgerLine {
-            time: crate::telemetry::ledger::format_time(SystemTime::now()),
-            request_id: request_id.to_owned(),
-            key: self.key.to_string(),
-            model: self.model.label.to_string(),
-            upstream: self.upstream.as_deref().map(str::to_owned),
-            upstream_model: self.upstream_model.clone(),
-            status,
-            outcome: outcome.as_str().to_owned(),
-            stream: self.stream,
-            prompt_tokens: usage.prompt,
-            completion_tokens: usage.completion,
-            cached_tokens: usage.cached_prompt,
-            reasoning_tokens: usage.reasoning,
-            billable_input_tokens: usage.prompt.saturating_sub(usage.cached_prompt),
-            billable_output_tokens: usage.completion,
-            cost_usd: self.price.map_or(0.0, |p| usage.cost(&p)),
-            latency_ms: elapsed.as_secs_f64() * 1000.0,
-            ttft_ms: self.ttft.map(|t| t.as_secs_f64() * 1000.0),
-            attempts: self.attempts,
-            usage_estimated: self.usage_estimated,
-            shadow: false,
-            content_hash: self.text.as_deref().map(crate::telemetry::comparison::content_hash),
-        };
-        if self.compared {
-            self.sinks.comparison.add(&line);
-        }
-        if let Some(ledger) = &self.sinks.ledger {
-            ledger.record(line);
-        }
-    }
-
-    fn export_trace(&mut self, status: u16, outcome: Outcome) {
-        let (Some(exporter), Some(trace)) = (&self.sinks.otel, self.trace.take()) else {
-            return;
-        };
-        let attempts = std::mem::take(&mut *trace.attempts.lock().unwrap_or_else(|e| e.into_inner()));
-        exporter.export(RequestSpan {
-            context: trace.context,
-            span_id: trace.span_id,
             operation: self.endpoint.operation(),
-            model: self.model.label.to_string(),
-            start: trace.started,
-            end: SystemTime::now(),
+            model: &self.model,
+            upstream: self.upstream.as_ref().map(|u| (&*u.name, u.index)),
+            upstream_window: self.upstream.as_ref().map(|u| &u.state.window),
+            upstream_model: self.upstream_model.as_deref(),
             status,
-            outcome: outcome.as_str().to_owned(),
+            outcome,
+            error_code,
             stream: self.stream,
-            key: self.key.to_string(),
-            response_model: self.upstream_model.clone(),
-            input_tokens: self.usage.map(|u| u.prompt),
-            output_tokens: self.usage.map(|u| u.completion),
+            attempts: self.attempts,
+            latency: self.started.elapsed(),
             ttft: self.ttft,
-            attempts,
+            tokens: usage.map(|u| [u.prompt, u.completion, u.cached_prompt, u.reasoning]),
+            usage_estimated: self.usage_estimated,
+            cost_usd,
+            compared: self.compared,
+            content_hash,
+            trace,
         });
     }
 }
@@ -447,12 +334,11 @@ impl RequestRecord {
     /// verdict: a clean end is a success, a break a failure, and a client
     /// that left says nothing about the upstream.
     fn end_stream_attempt(&mut self, error_type: ErrorType) {
-        let (Some((ticket, started)), Some((upstream, _))) = (self.stream_attempt.take(), &self.upstream_metrics)
-        else {
+        let (Some((ticket, started)), Some(upstream)) = (self.stream_attempt.take(), &self.upstream) else {
             return;
         };
         let status = (error_type != ErrorType::Cancelled).then_some(200);
-        upstream.attempt(status, error_type, started);
+        upstream.metrics.attempt(status, error_type, started);
         if let Some(ticket) = ticket {
             match error_type {
                 ErrorType::None => ticket.success(),
@@ -471,6 +357,6 @@ impl Drop for RequestRecord {
             self.end_stream_attempt(ErrorType::Cancelled);
             self.write(CLIENT_CLOSED, Outcome::Cancelled, Some("client_disconnected"));
         }
-        self.metrics.in_flight.dec();
+        self.sinks.metrics.in_flight.dec();
     }
 }

@@ -7,6 +7,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod otel;
+pub mod request;
 pub mod window;
 
 use std::sync::Arc;
