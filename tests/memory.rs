@@ -13,6 +13,7 @@
 //! the stream's state), plus the allocator's slack. The real figure, on a
 //! release build and pinned to one core, comes from `bench/run.sh`.
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::process::Stdio;

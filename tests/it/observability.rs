@@ -3,14 +3,13 @@
 //! ledger after a burst and a graceful shutdown, `promtool check metrics`,
 //! and OTLP trace export through the gateway.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use relaygate::sim::{Faults, Sim};
 use serde_json::{json, Value};
+
+use crate::common::*;
 
 const MODEL: &str = r#"model="deepseek-chat""#;
 
@@ -257,7 +256,7 @@ async fn ledger_lines_match_requests_one_to_one_after_a_burst_and_shutdown() {
     )
     .await
     .unwrap();
-    let ledger = common::process::temp_dir().join("usage.jsonl");
+    let ledger = crate::common::process::temp_dir().join("usage.jsonl");
     let mut config = config_for(&[("a", &sim), ("b", &broken)]);
     config.push_str(&format!(
         "\n[ledger]\npath = \"{}\"\n\n[[models]]\nname = \"cut\"\ntargets = [{{ upstream = \"b\" }}]\n",

@@ -1,13 +1,12 @@
 //! The core gateway, end to end over loopback: round trips, pass-through,
 //! errors, auth, timeouts, cancellation and draining.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use relaygate::sim::{Faults, Sim};
 use serde_json::{json, Value};
+
+use crate::common::*;
 
 #[tokio::test]
 async fn json_round_trip_rewrites_only_the_model_and_swaps_credentials() {

@@ -1,13 +1,12 @@
 //! Shadow comparison: sampling, isolation from the client (latency, errors,
 //! limits), the in-flight cap, separate accounting, and `relaygate compare`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use relaygate::sim::{Faults, Sim};
 use serde_json::{json, Value};
+
+use crate::common::*;
 
 /// `deepseek-chat` on upstream `a`, shadowed to `s` as `candidate-model`.
 fn shadowed(a: &Sim, s: &Sim, sample: f64, max_in_flight: usize) -> String {
@@ -228,7 +227,7 @@ async fn compare_prints_the_table_from_a_ledger_and_admin_shadow_agrees() {
         Sim::start("a", Faults::default()).await.unwrap(),
         Sim::start("s", Faults::default()).await.unwrap(),
     );
-    let ledger = common::process::temp_dir().join("usage.jsonl");
+    let ledger = crate::common::process::temp_dir().join("usage.jsonl");
     let mut config = shadowed(&a, &s, 1.0, 64);
     config.push_str(&format!("\n[ledger]\npath = \"{}\"\n", ledger.display()));
     let mut gw = Gateway::start(&config, &[]).await;

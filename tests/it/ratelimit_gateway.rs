@@ -2,16 +2,14 @@
 //! successes, token reconciliation from real usage, upstream-scoped limits
 //! that fail over, and two real `relaygate` processes sharing one Redis.
 
-mod common;
-mod redis_support;
-
 use std::time::{Duration, Instant};
 
-use common::process::{temp_file, Proc};
-use common::*;
-use redis_support::RedisServer;
 use relaygate::sim::{Faults, Sim};
 use serde_json::{json, Value};
+
+use crate::common::process::{temp_file, Proc};
+use crate::common::*;
+use crate::redis_support::RedisServer;
 
 /// The harness config plus `extra` TOML before the first `[[upstreams]]`.
 fn with(base: String, extra: &str) -> String {

@@ -3,16 +3,15 @@
 //! state of unchanged upstreams survives; in-flight requests finish on the
 //! config they started with.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::process::{temp_file, Proc};
-use common::*;
 use relaygate::sim::{Faults, Sim};
 use relaygate::{build_app, Config};
 use serde_json::Value;
+
+use crate::common::process::{temp_file, Proc};
+use crate::common::*;
 
 const ADMIN: &str = "sk-admin-key-for-tests-000";
 

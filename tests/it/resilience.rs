@@ -2,13 +2,12 @@
 //! shedding, the admin API and config reload, against simulated upstreams.
 //! Each test asserts the response, the upstream call counts and the metrics.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use relaygate::sim::{Faults, Sim};
 use serde_json::Value;
+
+use crate::common::*;
 
 const ADMIN: &str = "sk-admin-key-for-tests-000";
 

@@ -7,18 +7,17 @@
 //! that account for the elapsed time. Nothing sleeps to synchronise: waits
 //! are polls under a deadline.
 
-mod redis_support;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{Encoder, Registry, TextEncoder};
-use redis_support::RedisServer;
 use relaygate::ratelimit::{validate, Admission, Limiter, RawRateLimit, RawRule, Rejection, Scope};
 use serde::Deserialize;
 use tokio::sync::Barrier;
 use tokio::time::Instant;
+
+use crate::redis_support::RedisServer;
 
 // ---------------------------------------------------------------------------
 // Helpers

@@ -1,17 +1,16 @@
 //! The real binary: `check`, `serve` (with SIGTERM), `doctor`, `demo`, and
 //! the promise that no secret ever reaches its output.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::process::{temp_file, Proc, BIN};
-use common::*;
 use relaygate::sim::{Faults, Sim};
 use serde_json::{json, Value};
 use tokio::process::Command;
+
+use crate::common::process::{temp_file, Proc, BIN};
+use crate::common::*;
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)

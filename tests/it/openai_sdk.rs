@@ -5,13 +5,12 @@
 //! Without it the test fails with instructions; set `RELAYGATE_SKIP_SDK=1`
 //! to skip it on purpose.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
 use relaygate::sim::{Faults, Sim};
+
+use crate::common::*;
 
 fn python() -> PathBuf {
     if let Ok(p) = std::env::var("RELAYGATE_PYTHON") {
