@@ -1,6 +1,6 @@
 """Drives relaygate with the official `openai` Python SDK.
 
-Run by tests/openai_sdk.rs, which starts the gateway and a simulated upstream
+Run by tests/it/openai_sdk.rs, which starts the gateway and a simulated upstream
 and passes RELAYGATE_BASE_URL and RELAYGATE_API_KEY. Exits non-zero on the
 first failed check.
 """
