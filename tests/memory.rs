@@ -13,6 +13,9 @@
 //! the stream's state), plus the allocator's slack. The real figure, on a
 //! release build and pinned to one core, comes from `bench/run.sh`.
 
+// The harness of tests/it. This test uses a handful of its helpers, so dead
+// code is allowed here only: tests/it uses every helper, and keeps the lint.
+#[allow(dead_code)]
 #[path = "it/common/mod.rs"]
 mod common;
 

@@ -1,6 +1,5 @@
 //! Test harness: a gateway in-process on an ephemeral port, in front of
 //! simulated upstreams, plus polling helpers. No fixed ports, no sleeps.
-#![allow(dead_code)]
 
 pub mod process;
 
@@ -15,7 +14,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const CLIENT_KEY: &str = "sk-client-app-a-0123456789";
-pub const UPSTREAM_KEY: &str = "sk-upstream-a-secret-9876543210";
 
 pub struct Gateway {
     /// `http://127.0.0.1:<port>`

@@ -2,7 +2,6 @@
 //! It can be killed, paused (SIGSTOP: a hung Redis) and restarted on the
 //! same port mid-test. No fixed ports, no sleeps: readiness is polled with
 //! PING under a deadline.
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -32,10 +31,6 @@ impl RedisServer {
             }
         }
         panic!("redis-server did not start: {last}");
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     pub fn url(&self) -> String {
