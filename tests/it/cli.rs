@@ -334,7 +334,7 @@ async fn demo_serves_without_a_key_or_network() {
     let (code, out, err) = proc.finish().await;
     assert_eq!(code, 0);
     assert!(out.contains("from openai import OpenAI"), "{out}");
-    // The access log (its own writer, see src/access_log.rs) is on by
+    // The access log (its own writer, see src/telemetry/access_log.rs) is on by
     // default, one line per request, and RUST_LOG turns it off.
     assert!(
         err.lines()

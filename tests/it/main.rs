@@ -25,6 +25,7 @@
 mod common;
 mod redis_support;
 
+mod architecture;
 mod cli;
 mod gateway;
 mod ledger;
