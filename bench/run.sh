@@ -5,8 +5,9 @@
 #   bench/run.sh            # full run: about 100 s after the build
 #   bench/run.sh --quick    # about 40 s after the build
 #   bench/run.sh --no-build # use the release binaries already built
-#   bench/run.sh --ab OLD   # saturation only: OLD (another relaygate binary)
-#                           # and this build, alternating 5 times
+#   bench/run.sh --ab OLD   # OLD (another relaygate binary) and this build:
+#                           # saturation alternating 5 times, then RSS per
+#                           # open stream alternating 3 times
 #
 # Core 1 runs the proxy under test (nginx or relaygate, `taskset -c 1`);
 # core 0 runs the load generator and the simulated upstream. Everything
@@ -28,7 +29,7 @@ while [ "$#" -gt 0 ]; do
       [ -x "$AB_OLD" ] || { echo "bench: --ab needs an executable relaygate binary" >&2; exit 2; }
       shift
       ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -249,8 +250,8 @@ requests_per_minute = 100000000
 EOF
 }
 
-start_relaygate() { # [BINARY] -> RELAYGATE_ADDR, RELAYGATE_PID
-  taskset -c "$PROXY_CORE" "${1:-$BIN/relaygate}" serve --config "$TMP/relaygate.toml" --listen 127.0.0.1:0 \
+start_relaygate() { # [BINARY] -> RELAYGATE_ADDR, RELAYGATE_PID; RELAYGATE_WRAP: a command to run it under
+  taskset -c "$PROXY_CORE" ${RELAYGATE_WRAP:-} "${1:-$BIN/relaygate}" serve --config "$TMP/relaygate.toml" --listen 127.0.0.1:0 \
     </dev/null >"$TMP/relaygate.out" 2>>"$TMP/relaygate.log" &
   RELAYGATE_PID=$!
   PIDS+=("$RELAYGATE_PID")
@@ -358,6 +359,47 @@ print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",
       stop "$RELAYGATE_PID"
     done
   done
+  # Memory per open stream, a fresh process per run, alternating likewise.
+  n="${STREAM_COUNTS[0]}"
+  echo
+  echo "| round | binary | RSS per open stream, $n streams, KiB |"
+  echo "|---|---|---|"
+  for round in 1 2 3; do
+    for which in old new; do
+      if [ "$which" = old ]; then start_relaygate "$AB_OLD"; else start_relaygate; fi
+      hold_streams "$n" "ab-$which-$round" "http://$RELAYGATE_ADDR/v1/chat/completions" deepseek-slow "$RELAYGATE_PID"
+      python3 -c 'import json, sys; d = json.load(open(sys.argv[1]))
+print("| %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], d["per_stream_kib"]))' \
+        "$RESULTS/streams$n-ab-$which-$round.json" "$round" "$which"
+      stop "$RELAYGATE_PID"
+    done
+  done
+  # Instructions per plain request, which do not drift with the machine:
+  # each build under callgrind, counting switched on after the first
+  # request, for wrk -c8 over a few seconds (valgrind runs it ~50x slower).
+  if command -v callgrind_control >/dev/null; then
+    echo
+    echo "| round | binary | user-space instructions per plain request (callgrind) |"
+    echo "|---|---|---|"
+    for round in 1 2 3; do
+      for which in old new; do
+        out="$TMP/callgrind-$which-$round.out"
+        RELAYGATE_WRAP="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$out" \
+          start_relaygate "$([ "$which" = old ] && echo "$AB_OLD" || echo "$BIN/relaygate")"
+        callgrind_control -i on "$RELAYGATE_PID" >/dev/null
+        requests="$(load wrk -t1 -c8 -d"$SAT_FOR" -s "$TMP/post.lua" "http://$RELAYGATE_ADDR/v1/chat/completions" \
+          | sed -n 's/^WRKJSON //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests"])')"
+        callgrind_control -i off "$RELAYGATE_PID" >/dev/null
+        stop "$RELAYGATE_PID"
+        python3 -c 'import sys
+lines = open(sys.argv[1]).read().splitlines()
+# "totals:" holds what was counted; "summary:" stays 0 with --instr-atstart=no.
+total = next(int(l.split()[1]) for l in lines if l.startswith("totals:"))
+print("| %s | %s | %s |" % (sys.argv[3], sys.argv[4], format(round(total / int(sys.argv[2])), ",")))' \
+          "$out" "$requests" "$round" "$which"
+      done
+    done
+  fi
   exit 0
 fi
 
