@@ -93,13 +93,13 @@ fn sse(c: &mut Criterion) {
     // The boundary scan itself, on a batch ending in a complete event.
     let batch: Vec<u8> = events.iter().flat_map(|e| e.to_vec()).collect();
     g.bench_function("last_event_end/16_events", |b| {
-        b.iter(|| sse::last_event_end(black_box(&batch), black_box(0)))
+        b.iter(|| sse::last_event_end(black_box(&batch)))
     });
     // Worst case: 16 KiB of one unfinished event, scanned from the start.
     let partial = vec![b'x'; 16 * 1024];
     g.throughput(Throughput::Bytes(partial.len() as u64));
     g.bench_function("last_event_end/16KiB_no_boundary", |b| {
-        b.iter(|| sse::last_event_end(black_box(&partial), black_box(0)))
+        b.iter(|| sse::last_event_end(black_box(&partial)))
     });
     g.finish();
 }

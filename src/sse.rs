@@ -1,4 +1,7 @@
-//! SSE pass-through.
+//! SSE, read as the WHATWG HTML spec defines it ("server-sent events"):
+//! lines end in LF, CRLF or CR; a line starting with `:` is a comment; a
+//! field's value follows its colon, less one optional space; `data` lines
+//! join with LF; a blank line dispatches the event (if it has data).
 //!
 //! Bytes go to the client exactly as the upstream sent them, but only in
 //! whole events: a partial event is held until its blank line arrives. That
@@ -10,13 +13,19 @@
 //! from the upstream body, so a slow reader applies TCP backpressure to the
 //! upstream instead of growing a buffer. The only buffer is one partial
 //! event, bounded by `MAX_EVENT_BYTES`.
+//!
+//! What relaygate reads of the events (`inspect`: `[DONE]`, usage, the
+//! generated text) it reads per event, after the spec's parse, so the
+//! choice of line ends, data lines split or not, comments and JSON
+//! whitespace change nothing. The common event, one `data:` line of
+//! compact JSON, is parsed without a copy.
 
-use std::sync::LazyLock;
+use std::borrow::Cow;
+use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use memchr::memmem::Finder;
 
 use crate::usage::{self, Usage, USAGE_KEY};
 
@@ -44,6 +53,8 @@ pub enum ReadError {
 pub struct SseReader {
     upstream: ByteStream,
     buf: BytesMut,
+    /// Where the scan of `buf` for event ends has got to.
+    scan: Scanner,
 }
 
 impl SseReader {
@@ -51,6 +62,7 @@ impl SseReader {
         Self {
             upstream,
             buf: BytesMut::new(),
+            scan: Scanner::default(),
         }
     }
 
@@ -63,9 +75,13 @@ impl SseReader {
                 Some(Ok(chunk)) if self.buf.is_empty() => {
                     // The common case, a read that ends on an event
                     // boundary: pass the chunk on without copying it.
-                    match last_event_end(&chunk, 0) {
-                        Some(end) if end == chunk.len() => return Ok(Some(chunk)),
+                    match self.scan.scan(&chunk) {
+                        Some(end) if end == chunk.len() => {
+                            self.scan.consumed(end);
+                            return Ok(Some(chunk));
+                        }
                         Some(end) => {
+                            self.scan.consumed(end);
                             self.buf.extend_from_slice(&chunk[end..]);
                             return Ok(Some(chunk.slice(..end)));
                         }
@@ -74,9 +90,9 @@ impl SseReader {
                     }
                 }
                 Some(Ok(chunk)) => {
-                    let scan_from = self.buf.len().saturating_sub(3);
                     self.buf.extend_from_slice(&chunk);
-                    if let Some(end) = last_event_end(&self.buf, scan_from) {
+                    if let Some(end) = self.scan.scan(&self.buf) {
+                        self.scan.consumed(end);
                         return Ok(Some(self.buf.split_to(end).freeze()));
                     }
                     if self.buf.len() > MAX_EVENT_BYTES {
@@ -84,25 +100,180 @@ impl SseReader {
                     }
                 }
                 Some(Err(BodyError)) => return Err(ReadError::Reset),
-                None if self.buf.iter().all(u8::is_ascii_whitespace) => return Ok(None),
-                None => return Err(ReadError::Truncated),
+                None => {
+                    // An event whose blank line is a CR at the very end.
+                    if let Some(end) = self.scan.finish(&self.buf) {
+                        self.scan.consumed(end);
+                        return Ok(Some(self.buf.split_to(end).freeze()));
+                    }
+                    return if self.buf.iter().all(u8::is_ascii_whitespace) {
+                        Ok(None)
+                    } else {
+                        Err(ReadError::Truncated)
+                    };
+                }
             }
         }
     }
 }
 
-/// The end (exclusive) of the last complete event in `buf`, looking for the
-/// blank line at or after `from`. SSE allows LF, CRLF and CR line endings.
-pub fn last_event_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = buf.len();
-    while i >= 2 && i >= from + 2 {
-        let w = &buf[..i];
-        if w.ends_with(b"\n\n") || w.ends_with(b"\r\r") || w.ends_with(b"\r\n\r\n") {
-            return Some(i);
+/// Finds event ends in a growing buffer that starts on a line start,
+/// scanning each byte once: the state between reads is where the scan got
+/// to, where the current line began, and an event end held back because
+/// its blank line ended in a CR that was the last byte read (an LF after it
+/// would belong to it, as CRLF).
+#[derive(Debug, Default, Clone, Copy)]
+struct Scanner {
+    pos: usize,
+    line_start: usize,
+    /// The byte at `pos - 1` is a CR that ended a line.
+    after_cr: bool,
+    /// That CR ended a blank line: an event ends at `pos`, or at `pos + 1`
+    /// if the next byte is LF.
+    held: bool,
+}
+
+impl Scanner {
+    /// Scans what `buf` holds past the last scan; the end (exclusive) of the
+    /// last complete event in `buf`, if any.
+    fn scan(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut last = None;
+        let mut i = self.pos;
+        if self.after_cr && i < buf.len() {
+            self.after_cr = false;
+            if buf[i] == b'\n' {
+                i += 1;
+                self.line_start = i;
+            }
+            if std::mem::take(&mut self.held) {
+                last = Some(i);
+            }
         }
-        i -= 1;
+        for p in memchr::memchr2_iter(b'\n', b'\r', &buf[i..]) {
+            let p = p + i;
+            if p < self.line_start {
+                continue; // the LF of a CRLF, taken with its CR
+            }
+            let blank = p == self.line_start;
+            let end = if buf[p] == b'\r' && buf.get(p + 1) == Some(&b'\n') {
+                p + 2
+            } else {
+                p + 1
+            };
+            self.line_start = end;
+            if end == buf.len() && buf[p] == b'\r' && end == p + 1 {
+                // A CR last: an LF may follow in the next read.
+                self.after_cr = true;
+                self.held = blank;
+            } else if blank {
+                last = Some(end);
+            }
+        }
+        self.pos = buf.len();
+        last
     }
-    None
+
+    /// At the end of the stream: an event held back for a possible LF ends
+    /// here.
+    fn finish(&mut self, buf: &[u8]) -> Option<usize> {
+        (self.held && self.pos == buf.len()).then(|| {
+            self.held = false;
+            self.after_cr = false;
+            buf.len()
+        })
+    }
+
+    /// The buffer's first `n` bytes were handed on.
+    fn consumed(&mut self, n: usize) {
+        self.pos -= n;
+        self.line_start -= n;
+    }
+}
+
+/// The end (exclusive) of the last complete event in `buf`, which starts on
+/// a line start. An event whose blank line ends in a CR as the last byte
+/// counts as complete here (no more bytes are coming).
+pub fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let mut scan = Scanner::default();
+    scan.scan(buf).max(scan.finish(buf))
+}
+
+/// One dispatched event of a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// Its bytes in the batch: from its first line to the end of the blank
+    /// line that dispatched it (comment lines in it included).
+    pub span: Range<usize>,
+    /// Its `data` lines' values, joined with LF. Borrowed for the usual
+    /// event of one `data` line.
+    pub data: Cow<'a, [u8]>,
+}
+
+/// The events of a batch that starts on a line start, as the spec parses
+/// them: only events with data are dispatched, and a last event without
+/// its blank line is not.
+pub fn events(batch: &[u8]) -> impl Iterator<Item = Event<'_>> {
+    let mut lines = Lines { batch, pos: 0 };
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let mut data: Option<Cow<'_, [u8]>> = None;
+        loop {
+            let (line, end) = lines.next()?;
+            if line.is_empty() {
+                let span = start..end;
+                start = end;
+                match data.take() {
+                    Some(data) => return Some(Event { span, data }),
+                    None => continue,
+                }
+            }
+            if line[0] == b':' {
+                continue; // a comment
+            }
+            let (field, value) = match memchr::memchr(b':', line) {
+                Some(colon) => {
+                    let value = &line[colon + 1..];
+                    (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                }
+                None => (line, &b""[..]),
+            };
+            if field == b"data" {
+                data = Some(match data {
+                    None => Cow::Borrowed(value),
+                    Some(earlier) => {
+                        let mut joined = earlier.into_owned();
+                        joined.push(b'\n');
+                        joined.extend_from_slice(value);
+                        Cow::Owned(joined)
+                    }
+                });
+            }
+        }
+    })
+}
+
+/// The lines of a batch, each with the offset just past its terminator
+/// (LF, CRLF or CR), found with memchr. A last line without a terminator
+/// is not a line yet.
+struct Lines<'a> {
+    batch: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn next(&mut self) -> Option<(&'a [u8], usize)> {
+        let rest = self.batch.get(self.pos..)?;
+        let at = memchr::memchr2(b'\n', b'\r', rest)?;
+        let start = self.pos;
+        let p = start + at;
+        let end = if self.batch[p] == b'\r' && self.batch.get(p + 1) == Some(&b'\n') {
+            p + 2
+        } else {
+            p + 1
+        };
+        self.pos = end;
+        Some((&self.batch[start..p], end))
+    }
 }
 
 /// What one batch of events says about the stream.
@@ -112,31 +283,24 @@ pub struct BatchInfo {
     pub done: bool,
     /// The last usage object in the batch.
     pub usage: Option<Usage>,
-    /// Events that carry generated text (`"content":"…"` or `"text":"…"`,
-    /// non-empty): the completion-token estimate when usage never comes.
-    pub content_events: u64,
+    /// Bytes of generated text (content, reasoning, tool-call arguments,
+    /// completion text), decoded: the completion estimate when usage never
+    /// comes (`usage::estimate_completion`).
+    pub text_bytes: u64,
 }
 
-/// Reads the `data:` lines of a batch of complete events. Only lines that
-/// mention `"usage"` are parsed as JSON, so ordinary chunks cost a scan.
+/// Reads the events of a batch of complete events. An event is parsed as
+/// JSON only when it mentions `"usage"`; the generated text is measured by
+/// `usage::generated_text_bytes`, a scan without a parse.
 pub fn inspect(batch: &[u8]) -> BatchInfo {
     let mut info = BatchInfo::default();
-    for line in lines(batch) {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let data = data.strip_prefix(b" ").unwrap_or(data);
+    for event in events(batch) {
+        let data = &*event.data;
         if data == b"[DONE]" {
             info.done = true;
             continue;
         }
-        let has_text = |key: &Finder| {
-            key.find(data)
-                .is_some_and(|at| data.get(at + key.needle().len()).is_some_and(|&c| c != b'"'))
-        };
-        if has_text(&CONTENT) || has_text(&TEXT) {
-            info.content_events += 1;
-        }
+        info.text_bytes += usage::generated_text_bytes(data);
         if USAGE_KEY.find(data).is_some() {
             if let Ok(Some(u)) = usage::from_json(data) {
                 info.usage = Some(u);
@@ -146,65 +310,30 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
     info
 }
 
-// `memchr::memmem::find` builds its searcher on every call, which cost more
-// than the searches (about 10,000 instructions per streamed request); these
-// are built once (and `"usage"`'s in `usage`).
-static CONTENT: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"content\":\""));
-static TEXT: LazyLock<Finder> = LazyLock::new(|| Finder::new(b"\"text\":\""));
-
-/// The pieces of `batch` between line terminators, as `batch.split(|b| b is
-/// CR or LF)` gives them (so a CRLF leaves an empty piece), found with
-/// memchr instead of a closure per byte.
-fn lines(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut ends = memchr::memchr2_iter(b'\n', b'\r', batch);
-    let mut start = Some(0);
-    std::iter::from_fn(move || {
-        let from = start?;
-        let end = ends.next();
-        start = end.map(|e| e + 1);
-        Some(&batch[from..end.unwrap_or(batch.len())])
-    })
-}
-
-/// The end offsets of the complete events in `batch`.
-fn event_ends(batch: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    // Every pattern ends with CR or LF: only those positions are candidates.
-    memchr::memchr2_iter(b'\n', b'\r', batch)
-        .map(|p| p + 1)
-        .filter(move |&i| {
-            let w = &batch[..i];
-            (w.ends_with(b"\n\n") && !w.ends_with(b"\r\n\n")) || w.ends_with(b"\r\r") || w.ends_with(b"\r\n\r\n")
-        })
-}
-
 /// Removes usage-only events (`"choices": []` with a `usage` object: the
 /// chunk relaygate asked for on the client's behalf) from a batch of whole
-/// events. Every other byte is kept; a batch without one is returned as is.
+/// events, each as a whole, however many lines it spans. Every other byte
+/// is kept; a batch without one is returned as is.
 pub fn strip_usage_only(batch: Bytes) -> Bytes {
     if USAGE_KEY.find(&batch).is_none() {
         return batch;
     }
     let mut kept = BytesMut::with_capacity(batch.len());
     let mut start = 0;
-    let mut changed = false;
-    for end in event_ends(&batch) {
-        let event = &batch[start..end];
-        if is_usage_only(event) {
-            changed = true;
-        } else {
-            kept.extend_from_slice(event);
+    for event in events(&batch) {
+        if is_usage_only(&event.data) {
+            kept.extend_from_slice(&batch[start..event.span.start]);
+            start = event.span.end;
         }
-        start = end;
+    }
+    if start == 0 {
+        return batch;
     }
     kept.extend_from_slice(&batch[start..]);
-    if changed {
-        kept.freeze()
-    } else {
-        batch
-    }
+    kept.freeze()
 }
 
-fn is_usage_only(event: &[u8]) -> bool {
+fn is_usage_only(data: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Chunk {
         #[serde(default)]
@@ -212,12 +341,9 @@ fn is_usage_only(event: &[u8]) -> bool {
         #[serde(default)]
         usage: Option<serde::de::IgnoredAny>,
     }
-    lines(event).filter_map(|line| line.strip_prefix(b"data:")).any(|data| {
-        let data = data.strip_prefix(b" ").unwrap_or(data);
-        USAGE_KEY.find(data).is_some()
-            && serde_json::from_slice::<Chunk>(data)
-                .is_ok_and(|c| c.usage.is_some() && c.choices.is_some_and(|v| v.is_empty()))
-    })
+    USAGE_KEY.find(data).is_some()
+        && serde_json::from_slice::<Chunk>(data)
+            .is_ok_and(|c| c.usage.is_some() && c.choices.is_some_and(|v| v.is_empty()))
 }
 
 #[cfg(test)]
@@ -231,12 +357,98 @@ mod tests {
 
     #[test]
     fn boundaries() {
-        assert_eq!(last_event_end(b"data: a\n\ndata: b", 0), Some(9));
-        assert_eq!(last_event_end(b"data: a\n\ndata: b\n\n", 0), Some(18));
-        assert_eq!(last_event_end(b"data: a\r\n\r\n", 0), Some(11));
-        assert_eq!(last_event_end(b"data: a\r\rx", 0), Some(9));
-        assert_eq!(last_event_end(b"data: a\n", 0), None);
-        assert_eq!(last_event_end(b"", 0), None);
+        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(last_event_end(b"data: a\n\ndata: b\n\n"), Some(18));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(last_event_end(b"data: a\r\rx"), Some(9));
+        // Mixed line ends: a line's end, then a blank line's.
+        assert_eq!(last_event_end(b"data: a\r\n\n"), Some(10));
+        assert_eq!(last_event_end(b"data: a\n\r\n"), Some(10));
+        assert_eq!(
+            last_event_end(b"data: a\n\r"),
+            Some(9),
+            "a CR last ends the stream's last event"
+        );
+        assert_eq!(last_event_end(b"data: a\n"), None);
+        assert_eq!(last_event_end(b""), None);
+    }
+
+    /// Event ends by the spec's definition, a byte at a time: after the
+    /// terminator (LF, CRLF or CR) of a blank line.
+    fn spec_event_ends(s: &[u8]) -> Vec<usize> {
+        let (mut ends, mut line_start, mut i) = (Vec::new(), 0, 0);
+        while i < s.len() {
+            let end = match s[i] {
+                b'\r' if s.get(i + 1) == Some(&b'\n') => i + 2,
+                b'\r' | b'\n' => i + 1,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            if i == line_start {
+                ends.push(end);
+            }
+            line_start = end;
+            i = end;
+        }
+        ends
+    }
+
+    /// The scanner finds what the byte-at-a-time definition finds, on every
+    /// string of up to seven bytes over the characters that matter, read
+    /// whole and read in two pieces split anywhere (a CRLF split included).
+    #[test]
+    fn event_ends_match_the_spec_on_every_short_string_and_split() {
+        let alphabet = [b'a', b'\n', b'\r', b':'];
+        let mut checked = 0;
+        for len in 0..=7u32 {
+            for mut n in 0..4usize.pow(len) {
+                let mut s = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    s.push(alphabet[n % 4]);
+                    n /= 4;
+                }
+                let want = spec_event_ends(&s).last().copied();
+                assert_eq!(last_event_end(&s), want, "{s:?}");
+                for k in 0..=s.len() {
+                    let mut scan = Scanner::default();
+                    let first = scan.scan(&s[..k]);
+                    let second = scan.scan(&s);
+                    let got = first.max(second).max(scan.finish(&s));
+                    assert_eq!(got, want, "{s:?} split at {k}");
+                }
+                let mut lines = Lines { batch: &s, pos: 0 };
+                let blank_ends: Vec<usize> = std::iter::from_fn(|| lines.next())
+                    .filter_map(|(line, end)| line.is_empty().then_some(end))
+                    .collect();
+                assert_eq!(blank_ends, spec_event_ends(&s), "{s:?}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 21_845);
+    }
+
+    #[test]
+    fn events_follow_the_spec() {
+        let data = |batch: &[u8]| -> Vec<Vec<u8>> { events(batch).map(|e| e.data.into_owned()).collect() };
+        // Comments, an optional space, `data` without a colon, other fields.
+        assert_eq!(
+            data(b": hi\nevent: x\nid: 1\nretry: 5\ndata:a\ndata\ndata:  b\n\n"),
+            vec![b"a\n\n b".to_vec()]
+        );
+        // No data, no event; a last event without its blank line: none yet.
+        assert_eq!(data(b": keep-alive\n\nevent: ping\n\ndata: x"), Vec::<Vec<u8>>::new());
+        // Every line end, mixed.
+        assert_eq!(
+            data(b"data: 1\rdata: 2\r\n\ndata: 3\r\r"),
+            vec![b"1\n2".to_vec(), b"3".to_vec()]
+        );
+        // One data line is borrowed, not copied.
+        let batch = b"data: {\"a\":1}\n\n";
+        let event = events(batch).next().unwrap();
+        assert!(matches!(event.data, Cow::Borrowed(_)));
+        assert_eq!(event.span, 0..batch.len());
     }
 
     #[tokio::test]
@@ -302,37 +514,6 @@ mod tests {
         assert_eq!(strip_usage_only(crlf), Bytes::from_static(done.as_bytes()));
     }
 
-    /// `lines` and `event_ends` find their candidates with memchr; both must
-    /// give exactly what the byte-by-byte definitions give, on every string
-    /// of up to seven bytes over the characters that matter.
-    #[test]
-    fn line_and_event_splitting_match_the_byte_by_byte_definitions() {
-        let alphabet = [b'a', b'\n', b'\r', b':'];
-        let mut checked = 0;
-        for len in 0..=7u32 {
-            for mut n in 0..4usize.pow(len) {
-                let mut s = Vec::with_capacity(len as usize);
-                for _ in 0..len {
-                    s.push(alphabet[n % 4]);
-                    n /= 4;
-                }
-                let split: Vec<&[u8]> = s.split(|&b| b == b'\n' || b == b'\r').collect();
-                assert_eq!(lines(&s).collect::<Vec<_>>(), split, "{s:?}");
-                let naive: Vec<usize> = (2..=s.len())
-                    .filter(|&i| {
-                        let w = &s[..i];
-                        (w.ends_with(b"\n\n") && !w.ends_with(b"\r\n\n"))
-                            || w.ends_with(b"\r\r")
-                            || w.ends_with(b"\r\n\r\n")
-                    })
-                    .collect();
-                assert_eq!(event_ends(&s).collect::<Vec<_>>(), naive, "{s:?}");
-                checked += 1;
-            }
-        }
-        assert_eq!(checked, 21_845);
-    }
-
     #[test]
     fn inspect_finds_done_and_usage() {
         let batch = b"data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\n\
@@ -340,6 +521,7 @@ data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n
         let info = inspect(batch);
         assert!(info.done);
         assert_eq!(info.usage.unwrap().completion, 4);
+        assert_eq!(info.text_bytes, 5, "the content \"usage\"");
         assert_eq!(inspect(b"data: {\"x\":1}\n\n"), BatchInfo::default());
     }
 }

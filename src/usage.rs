@@ -279,6 +279,89 @@ impl<'a> Scan<'a> {
     }
 }
 
+/// Keys whose string values are generated text: chat deltas and messages
+/// (`content`), reasoning as DeepSeek (`reasoning_content`) and others
+/// (`reasoning`) send it, tool-call arguments, and completions' `text`.
+static TEXT_KEYS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 5]> = std::sync::LazyLock::new(|| {
+    [
+        &b"\"content\""[..],
+        b"\"reasoning_content\"",
+        b"\"reasoning\"",
+        b"\"arguments\"",
+        b"\"text\"",
+    ]
+    .map(memchr::memmem::Finder::new)
+});
+
+/// Bytes of generated text in a JSON answer or chunk: the decoded UTF-8
+/// length of every string value of a `TEXT_KEYS` key, whatever the JSON
+/// whitespace. A scan, not a parse: in JSON an unescaped `"key"` followed
+/// by `:` can only be a key, since quotes inside strings are escaped. A
+/// value that is not a string (`null`, an array of parts) counts 0.
+pub fn generated_text_bytes(json: &[u8]) -> u64 {
+    let mut total = 0;
+    for key in TEXT_KEYS.iter() {
+        for at in key.find_iter(json) {
+            let rest = json[at + key.needle().len()..].trim_ascii_start();
+            let Some(value) = rest.strip_prefix(b":") else {
+                continue;
+            };
+            if let Some(string) = value.trim_ascii_start().strip_prefix(b"\"") {
+                total += decoded_len(string).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// The UTF-8 length of a JSON string's value, given the bytes after its
+/// opening quote; `None` if it does not end.
+fn decoded_len(s: &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    let mut i = 0;
+    loop {
+        let at = memchr::memchr2(b'"', b'\\', &s[i..])?;
+        n += at as u64;
+        i += at;
+        if s[i] == b'"' {
+            return Some(n);
+        }
+        // An escape: `\uXXXX` is a code point (a surrogate pair, two of them,
+        // is one 4-byte character); any other is one byte.
+        let hex = |from: usize| {
+            let digits = s.get(from..from + 4)?;
+            u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+        };
+        match *s.get(i + 1)? {
+            b'u' => {
+                let cp = hex(i + 2)?;
+                i += 6;
+                let low = (0xD800..0xDC00).contains(&cp) && s.get(i..i + 2) == Some(b"\\u");
+                if low && hex(i + 2).is_some_and(|low| (0xDC00..0xE000).contains(&low)) {
+                    i += 6;
+                    n += 4;
+                    continue;
+                }
+                n += match cp {
+                    0..0x80 => 1,
+                    0x80..0x800 => 2,
+                    _ => 3,
+                };
+            }
+            _ => {
+                i += 2;
+                n += 1;
+            }
+        }
+    }
+}
+
+/// Completion tokens estimated from generated text, at the prompt
+/// estimate's rule (`ratelimit::estimate_tokens`): 4 bytes a token, rounded up.
+pub fn estimate_completion(text_bytes: u64) -> u64 {
+    text_bytes.div_ceil(4)
+}
+
 impl Usage {
     /// Cost in USD. Cached prompt tokens are billed at the cached price when
     /// one is set, otherwise at the input price.
@@ -418,5 +501,30 @@ mod tests {
         };
         let expected = 0.5 * 0.28 + 0.5 * 0.028 + 0.42;
         assert!((u.cost(&price) - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn generated_text_is_measured_whatever_the_json_whitespace() {
+        let compact = br#"{"choices":[{"delta":{"content":"v0 "}}]}"#;
+        let spaced = br#"{"choices": [{"delta": {"content" : "v0 "}}]}"#;
+        assert_eq!(generated_text_bytes(compact), 3);
+        assert_eq!(generated_text_bytes(spaced), 3);
+        // Reasoning, tool-call arguments, completions' text; null and
+        // non-string values count nothing; a key's name inside a string
+        // (quotes escaped) is not a key.
+        let mixed = br#"{"choices":[{"delta":{"content":null,"reasoning_content":"think","tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]},"text":"x"}],"note":"\"content\": \"no\""}"#;
+        assert_eq!(generated_text_bytes(mixed), 5 + 7 + 1);
+        assert_eq!(
+            generated_text_bytes(br#"{"reasoning":"ab","content":[{"type":"text","text":"cd"}]}"#),
+            4
+        );
+        // Escapes decode: \n is 1 byte, \u00e9 2, \u20ac 3, a surrogate pair 4.
+        assert_eq!(
+            generated_text_bytes(br#"{"content":"a\nb\u00e9\u20ac\ud83d\ude00"}"#),
+            1 + 1 + 1 + 2 + 3 + 4
+        );
+        assert_eq!(generated_text_bytes(br#"{"content":"unterminated"#), 0);
+        assert_eq!(estimate_completion(0), 0);
+        assert_eq!(estimate_completion(5), 2);
     }
 }

@@ -250,7 +250,10 @@ async fn run(
             body,
             usage,
         } => {
-            record.set_usage(usage);
+            match usage {
+                None if status.is_success() => record.estimate_usage(&ctx.body, &body),
+                usage => record.set_usage(usage),
+            }
             record.set_answer(&body);
             Ok(Proxied::Full {
                 status,

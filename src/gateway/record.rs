@@ -24,7 +24,7 @@ use crate::telemetry::request::{Finished, Trace};
 use crate::telemetry::Sinks;
 use crate::upstream::breaker::Ticket;
 use crate::upstream::Upstream;
-use crate::usage::Usage;
+use crate::usage::{self, Usage};
 
 /// The status logged for a request the client abandoned (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
@@ -38,8 +38,9 @@ pub struct RequestRecord {
     /// its usage chunk. Only the number is kept: holding the body for the
     /// life of a stream would cost memory per open stream.
     prompt_estimate: u64,
-    /// Stream chunks with content, the completion estimate without usage.
-    content_events: u64,
+    /// Bytes of text the stream generated, for the completion estimate
+    /// when its usage never comes (`usage::estimate_completion`).
+    text_bytes: u64,
     usage_estimated: bool,
     trace: Option<Trace>,
     /// The model has a shadow: this request feeds the comparison.
@@ -80,7 +81,7 @@ impl RequestRecord {
             endpoint,
             upstream_model: None,
             prompt_estimate: 0,
-            content_events: 0,
+            text_bytes: 0,
             usage_estimated: false,
             trace: None,
             compared: false,
@@ -130,6 +131,18 @@ impl RequestRecord {
     /// text, as the rate limiter estimates them).
     pub fn set_prompt_estimate(&mut self, body: &[u8]) {
         self.prompt_estimate = crate::ratelimit::estimate_tokens(body, 0);
+    }
+
+    /// A plain answer came without `usage`: its tokens are estimated, the
+    /// prompt from the request body, the completion from the answer's text.
+    pub fn estimate_usage(&mut self, request: &[u8], answer: &[u8]) {
+        self.usage = Some(Usage {
+            prompt: crate::ratelimit::estimate_tokens(request, 0),
+            completion: usage::estimate_completion(usage::generated_text_bytes(answer)),
+            cached_prompt: 0,
+            reasoning: 0,
+        });
+        self.usage_estimated = true;
     }
 
     /// The model has a shadow; `collect_text` when this request was mirrored
@@ -237,7 +250,7 @@ impl RequestRecord {
         self.last_batch = Some(now);
         let info = sse::inspect(batch);
         self.saw_done |= info.done;
-        self.content_events += info.content_events;
+        self.text_bytes += info.text_bytes;
         self.set_usage(info.usage);
         if let Some(text) = self.text.as_mut() {
             crate::telemetry::comparison::stream_text(batch, text);
@@ -278,10 +291,11 @@ impl RequestRecord {
     fn write(&mut self, status: u16, outcome: Outcome, error_code: Option<&str>) {
         self.finished = true;
         if self.usage.is_none() && self.stream && self.ttft.is_some() {
-            // A stream cut before its usage chunk: count what was seen.
+            // A stream cut before its usage chunk, or from an upstream that
+            // ignores `stream_options.include_usage`: estimate from what was seen.
             self.usage = Some(Usage {
                 prompt: self.prompt_estimate,
-                completion: self.content_events,
+                completion: usage::estimate_completion(self.text_bytes),
                 cached_prompt: 0,
                 reasoning: 0,
             });

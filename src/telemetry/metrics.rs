@@ -69,6 +69,7 @@ pub struct Metrics {
     pub overhead: Histogram,
     pub tokens: IntCounterVec,
     pub cost: CounterVec,
+    pub usage_estimated: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub retries: IntCounterVec,
@@ -189,6 +190,16 @@ impl Metrics {
                     Opts::new(
                         "relaygate_cost_usd_total",
                         "Cost in USD from the configured price table.",
+                    ),
+                    &["model", "upstream"],
+                ),
+            ),
+            usage_estimated: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_usage_estimated_total",
+                        "Requests whose tokens were estimated (no usage from upstream: a cut stream, or an upstream that ignores stream_options.include_usage).",
                     ),
                     &["model", "upstream"],
                 ),
@@ -503,6 +514,7 @@ pub struct ModelUpstreamMetrics {
     /// In `TOKEN_TYPES` order.
     pub tokens: [IntCounter; 4],
     pub cost: Counter,
+    pub usage_estimated: IntCounter,
 }
 
 impl ModelMetrics {
@@ -518,6 +530,7 @@ impl ModelMetrics {
                     inter_token: metrics.inter_token.with_label_values(&[label, upstream]),
                     tokens: TOKEN_TYPES.map(|kind| metrics.tokens.with_label_values(&[label, upstream, kind])),
                     cost: metrics.cost.with_label_values(&[label, upstream]),
+                    usage_estimated: metrics.usage_estimated.with_label_values(&[label, upstream]),
                 })
             })
             .collect();

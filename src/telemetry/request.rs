@@ -104,6 +104,9 @@ impl Sinks {
             if f.cost_usd > 0.0 {
                 at.cost.inc_by(f.cost_usd);
             }
+            if f.usage_estimated {
+                at.usage_estimated.inc();
+            }
         }
     }
 

@@ -36,6 +36,7 @@ COUNTERS_AND_GAUGES = {
     "relaygate_upstream_requests_total",
     "relaygate_tokens_total",
     "relaygate_cost_usd_total",
+    "relaygate_usage_estimated_total",
     "relaygate_config_reloads_total",
     "relaygate_failovers_total",
     "relaygate_retries_total",
