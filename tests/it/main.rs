@@ -37,3 +37,4 @@ mod ratelimit_gateway;
 mod reload;
 mod resilience;
 mod shadow;
+mod sse_props;

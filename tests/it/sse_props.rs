@@ -1,0 +1,357 @@
+//! The SSE reader against the spec, by property, and a bounded fuzz run of
+//! it and of the request parser (issue 21).
+//!
+//! The property: a stream of chat chunks, a usage-only chunk and `[DONE]`,
+//! written with random line ends (LF, CRLF, CR, mixed), JSON whitespace
+//! (spaces, and newlines, which split an event's data over several `data:`
+//! lines), comments, other fields, the optional space after `data:`, and
+//! cut into random reads, yields what the plain form (compact JSON, one
+//! `data: ` line, LF) yields: the same events, `[DONE]`, usage and text
+//! estimate; the batches are the upstream's bytes, unchanged; and stripping
+//! the usage-only chunk removes exactly that event's bytes, however many
+//! lines it spans.
+//!
+//! The fuzz run: arbitrary bytes, in arbitrary reads, through the reader,
+//! `inspect` and `strip_usage_only`, and arbitrary bodies through
+//! `request::parse`: no panic, no hang, batches that add up to at most the
+//! input. It runs for `RELAYGATE_FUZZ_SECONDS` (2 by default; CI sets 60)
+//! and prints its executions. A proptest loop, not `cargo fuzz`: that needs
+//! a nightly toolchain, which this project's machines do not have.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use relaygate::request::{self, Endpoint};
+use relaygate::sse::{self, BodyError, ReadError, SseReader};
+
+/// Polls a future whose inputs are all in memory: it must be ready at once.
+fn now<F: Future>(f: F) -> F::Output {
+    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("a read from memory was pending"),
+    }
+}
+
+fn reader(bytes: &[u8], cuts: &[usize]) -> SseReader {
+    let mut reads = Vec::new();
+    let mut at = 0;
+    for &cut in cuts {
+        let end = (at + cut).min(bytes.len());
+        if end > at {
+            reads.push(Ok(Bytes::copy_from_slice(&bytes[at..end])));
+            at = end;
+        }
+    }
+    if at < bytes.len() {
+        reads.push(Ok(Bytes::copy_from_slice(&bytes[at..])));
+    }
+    SseReader::new(futures_util::stream::iter(reads).boxed())
+}
+
+/// Every batch the reader gives, and how it ended.
+fn read_all(mut r: SseReader) -> (Vec<Bytes>, Result<(), ReadError>) {
+    let mut batches = Vec::new();
+    loop {
+        match now(r.next_batch()) {
+            Ok(Some(b)) => batches.push(b),
+            Ok(None) => return (batches, Ok(())),
+            Err(e) => return (batches, Err(e)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Chunks {
+    texts: Vec<String>,
+    usage: Option<(u64, u64)>,
+    done: bool,
+}
+
+/// How a stream is written: each choice is taken in turn, cycling.
+#[derive(Debug, Clone)]
+struct Style {
+    /// 0 LF, 1 CRLF, 2 CR, per line.
+    line_ends: Vec<u8>,
+    /// A space after `data:`, per data line.
+    spaces: Vec<bool>,
+    /// Between JSON tokens: 0 nothing, 1 a space, 2 a newline (a new `data:` line).
+    gaps: Vec<u8>,
+    /// A comment line, then an `event:`/`id:` line, before an event.
+    extras: Vec<(bool, bool)>,
+    /// Read sizes.
+    cuts: Vec<usize>,
+}
+
+struct Cycle<'a, T>(&'a [T], usize);
+
+impl<T: Copy> Cycle<'_, T> {
+    fn next(&mut self) -> T {
+        let v = self.0[self.1 % self.0.len()];
+        self.1 += 1;
+        v
+    }
+}
+
+fn json_tokens(chunk: Option<&str>, usage: Option<(u64, u64)>) -> Vec<String> {
+    let mut t: Vec<String> = ["{", "\"choices\"", ":", "["].map(String::from).to_vec();
+    if let Some(text) = chunk {
+        t.extend(
+            [
+                "{",
+                "\"index\"",
+                ":",
+                "0",
+                ",",
+                "\"delta\"",
+                ":",
+                "{",
+                "\"content\"",
+                ":",
+            ]
+            .map(String::from),
+        );
+        t.push(serde_json::to_string(text).unwrap());
+        t.extend(["}", "}"].map(String::from));
+    }
+    t.push("]".into());
+    if let Some((p, c)) = usage {
+        t.extend([",", "\"usage\"", ":", "{", "\"prompt_tokens\"", ":"].map(String::from));
+        t.push(p.to_string());
+        t.extend([",", "\"completion_tokens\"", ":"].map(String::from));
+        t.push(c.to_string());
+        t.push("}".into());
+    }
+    t.push("}".into());
+    t
+}
+
+/// The stream's bytes, and the byte range of its usage-only event.
+fn write(chunks: &Chunks, style: Option<&Style>) -> (Vec<u8>, Option<std::ops::Range<usize>>) {
+    let plain = Style {
+        line_ends: vec![0],
+        spaces: vec![true],
+        gaps: vec![0],
+        extras: vec![(false, false)],
+        cuts: vec![1],
+    };
+    let style = style.unwrap_or(&plain);
+    let (mut ends, mut spaces, mut gaps, mut extras) = (
+        Cycle(&style.line_ends, 0),
+        Cycle(&style.spaces, 0),
+        Cycle(&style.gaps, 0),
+        Cycle(&style.extras, 0),
+    );
+    let mut out = Vec::new();
+    let mut last_end = 0u8;
+    let mut line = |out: &mut Vec<u8>, text: &[u8], ends: &mut Cycle<u8>| {
+        out.extend_from_slice(text);
+        let mut end = ends.next();
+        // CR then an LF-ended blank line would read as one CRLF.
+        if text.is_empty() && last_end == 2 && end == 0 {
+            end = 1;
+        }
+        out.extend_from_slice([&b"\n"[..], b"\r\n", b"\r"][end as usize]);
+        last_end = end;
+    };
+    let mut event = |out: &mut Vec<u8>, data: &str, ends: &mut Cycle<u8>| {
+        let (comment, field) = extras.next();
+        if comment {
+            line(out, b": keep-alive", ends);
+        }
+        if field {
+            line(out, b"event: message", ends);
+            line(out, b"id: 7", ends);
+        }
+        for piece in data.split('\n') {
+            let prefix: &[u8] = if spaces.next() { b"data: " } else { b"data:" };
+            line(out, &[prefix, piece.as_bytes()].concat(), ends);
+        }
+        line(out, b"", ends);
+    };
+    let mut json = |tokens: Vec<String>| {
+        let mut s = String::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if i > 0 {
+                s.push_str(["", " ", "\n"][gaps.next() as usize]);
+            }
+            s.push_str(t);
+        }
+        s
+    };
+    for text in &chunks.texts {
+        let data = json(json_tokens(Some(text), None));
+        event(&mut out, &data, &mut ends);
+    }
+    let mut usage_span = None;
+    if let Some(usage) = chunks.usage {
+        let data = json(json_tokens(None, Some(usage)));
+        let start = out.len();
+        event(&mut out, &data, &mut ends);
+        usage_span = Some(start..out.len());
+    }
+    if chunks.done {
+        event(&mut out, "[DONE]", &mut ends);
+    }
+    (out, usage_span)
+}
+
+/// What relaygate reads of a stream: events, `[DONE]`, the last usage, the
+/// text estimate.
+fn seen(batches: &[Bytes]) -> (usize, bool, Option<(u64, u64)>, u64) {
+    let (mut events, mut done, mut usage, mut text) = (0, false, None, 0);
+    for b in batches {
+        events += sse::events(b).count();
+        let info = sse::inspect(b);
+        done |= info.done;
+        if let Some(u) = info.usage {
+            usage = Some((u.prompt, u.completion));
+        }
+        text += info.text_bytes;
+    }
+    (events, done, usage, text)
+}
+
+fn chunks() -> impl Strategy<Value = Chunks> {
+    let text = prop::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter);
+    (
+        prop::collection::vec(text, 0..8),
+        prop::option::of((0..100_000u64, 0..100_000u64)),
+        any::<bool>(),
+    )
+        .prop_map(|(texts, usage, done)| Chunks { texts, usage, done })
+}
+
+fn style() -> impl Strategy<Value = Style> {
+    (
+        prop::collection::vec(0..3u8, 1..16),
+        prop::collection::vec(any::<bool>(), 1..8),
+        prop::collection::vec(0..3u8, 1..16),
+        prop::collection::vec((any::<bool>(), any::<bool>()), 1..6),
+        prop::collection::vec(1..40usize, 1..16),
+    )
+        .prop_map(|(line_ends, spaces, gaps, extras, cuts)| Style {
+            line_ends,
+            spaces,
+            gaps,
+            extras,
+            cuts,
+        })
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 512, ..Config::default() })]
+
+    #[test]
+    fn any_legal_writing_reads_as_the_plain_form(chunks in chunks(), style in style()) {
+        let (plain, _) = write(&chunks, None);
+        let (bytes, usage_span) = write(&chunks, Some(&style));
+        let (plain_batches, plain_end) = read_all(reader(&plain, &[plain.len()]));
+        let (batches, end) = read_all(reader(&bytes, &style.cuts));
+        prop_assert_eq!(plain_end, Ok(()));
+        prop_assert_eq!(end, Ok(()), "{:?}", String::from_utf8_lossy(&bytes));
+
+        // The batches are the upstream's bytes, in order, nothing added.
+        prop_assert_eq!(batches.concat(), bytes.clone());
+        let want = seen(&plain_batches);
+        let text: u64 = chunks.texts.iter().map(|t| t.len() as u64).sum();
+        prop_assert_eq!(want, (chunks.texts.len() + chunks.usage.is_some() as usize + chunks.done as usize,
+            chunks.done, chunks.usage, text));
+        prop_assert_eq!(seen(&batches), want, "{:?}", String::from_utf8_lossy(&bytes));
+
+        // Stripping removes the usage-only event, all of its lines, and nothing else.
+        let stripped: Vec<u8> = batches.iter().flat_map(|b| sse::strip_usage_only(b.clone()).to_vec()).collect();
+        let mut expected = bytes.clone();
+        if let Some(span) = usage_span {
+            expected.drain(span);
+        }
+        prop_assert_eq!(String::from_utf8_lossy(&stripped), String::from_utf8_lossy(&expected));
+    }
+}
+
+/// One fuzz execution: arbitrary bytes in arbitrary reads, and the same
+/// bytes as a request body.
+fn fuzz_one(bytes: &[u8], cuts: &[usize]) {
+    let (batches, _) = read_all(reader(bytes, cuts));
+    let total: usize = batches.iter().map(Bytes::len).sum();
+    assert!(total <= bytes.len());
+    for b in &batches {
+        let _ = sse::inspect(b);
+        let stripped = sse::strip_usage_only(b.clone());
+        assert!(stripped.len() <= b.len());
+        let _ = sse::events(b).count();
+    }
+    let body = Bytes::copy_from_slice(bytes);
+    for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings] {
+        if let Ok(parsed) = request::parse(endpoint, &body) {
+            let _ = parsed.body_for(&body, "renamed");
+        }
+    }
+    let _ = relaygate::usage::generated_text_bytes(bytes);
+}
+
+/// Bytes drawn mostly from what the reader and the parsers look at.
+fn fuzz_input() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+    let piece = prop_oneof![
+        Just(b"data:".to_vec()),
+        Just(b"data: ".to_vec()),
+        Just(b"\n".to_vec()),
+        Just(b"\r".to_vec()),
+        Just(b"\r\n".to_vec()),
+        Just(b":".to_vec()),
+        Just(b"[DONE]".to_vec()),
+        Just(b"{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}".to_vec()),
+        Just(b"\"content\"".to_vec()),
+        Just(b"\"model\":\"m\"".to_vec()),
+        Just(b"\"stream\":true".to_vec()),
+        Just(b"\\u".to_vec()),
+        Just(b"\\".to_vec()),
+        Just(b"\"".to_vec()),
+        Just(b"{".to_vec()),
+        Just(b"}".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..8),
+    ];
+    (
+        prop::collection::vec(piece, 0..64).prop_map(|p| p.concat()),
+        prop::collection::vec(1..64usize, 1..8),
+    )
+}
+
+#[test]
+fn fuzz_the_reader_and_the_request_parser_for_a_bounded_time() {
+    let seconds: u64 = std::env::var("RELAYGATE_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = fuzz_input();
+    let (mut executions, mut bytes) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        let tree = strategy.new_tree(&mut runner).unwrap();
+        let (input, cuts) = proptest::strategy::ValueTree::current(&tree);
+        fuzz_one(&input, &cuts);
+        executions += 1;
+        bytes += input.len() as u64;
+    }
+    println!("fuzz: {executions} executions, {bytes} bytes in {seconds} s");
+    assert!(executions > 100, "{executions} executions");
+}
+
+/// An event that never ends is bounded: the reader fails at 1 MiB instead
+/// of buffering without end.
+#[test]
+fn an_event_that_never_ends_is_bounded() {
+    let reads: Vec<Result<Bytes, BodyError>> = (0..200).map(|_| Ok(Bytes::from(vec![b'x'; 8 * 1024]))).collect();
+    let (batches, end) = read_all(SseReader::new(futures_util::stream::iter(reads).boxed()));
+    assert!(batches.is_empty());
+    assert_eq!(end, Err(ReadError::EventTooLarge));
+}
