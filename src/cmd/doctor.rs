@@ -3,10 +3,16 @@
 //! (DNS, TCP connect, TLS handshake, then `GET {base_url}/models` with the
 //! upstream's key) and prints one row with each step's result and latency,
 //! so the failing step is obvious.
+//!
+//! With `--stream-usage` it also sends each upstream one streamed chat
+//! request (`max_tokens: 1`, for the first model that targets it) asking
+//! for usage (`stream_options.include_usage`), and says whether the usage
+//! chunk came. An upstream that ignores the option gets its tokens
+//! estimated (docs/ledger.md), so its bill lines are estimates. Opt-in,
+//! because it spends a few tokens on each upstream.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +22,10 @@ use http::{header, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::net::TcpStream;
 
+use futures_util::StreamExt;
+
 use crate::config::{Config, UpstreamConfig};
+use crate::sse::{BodyError, SseReader};
 use crate::upstream::{authorization_header, tls_config, Pool, USER_AGENT};
 
 #[derive(Debug, Clone)]
@@ -48,6 +57,19 @@ pub struct Report {
     pub tcp: Step,
     pub tls: Step,
     pub models: Step,
+    /// With `--stream-usage`: whether a stream's usage chunk came.
+    pub stream_usage: Option<Step>,
+}
+
+/// `relaygate doctor`.
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub config: super::ConfigArg,
+    /// Also send each upstream one streamed request (max_tokens 1) and say
+    /// whether it sends usage for streams; spends a few tokens.
+    #[arg(long)]
+    pub stream_usage: bool,
 }
 
 impl Report {
@@ -56,17 +78,34 @@ impl Report {
     }
 }
 
-pub async fn run(path: &Path) -> Result<ExitCode, String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    let reports = check_all(&config).await;
+pub async fn run(args: DoctorArgs) -> Result<ExitCode, String> {
+    let config = Config::load(&args.config.config).map_err(|e| e.to_string())?;
+    let mut reports = check_all(&config).await;
+    if args.stream_usage {
+        let checks = reports.iter().map(|r| stream_usage(&config, &r.upstream));
+        let steps = futures_util::future::join_all(checks).await;
+        for (report, step) in reports.iter_mut().zip(steps) {
+            report.stream_usage = Some(step);
+        }
+    }
+    let usage_header = if args.stream_usage {
+        format!("{:<44} ", "STREAM USAGE")
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "{:<16} {:<28} {:<28} {:<28} {:<36} RESULT\n",
+        "{:<16} {:<28} {:<28} {:<28} {:<36} {usage_header}RESULT\n",
         "UPSTREAM", "DNS", "TCP", "TLS", "GET /models"
     );
     for r in &reports {
+        let usage = r
+            .stream_usage
+            .as_ref()
+            .map(|s| format!("{:<44} ", s.cell()))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<16} {:<28} {:<28} {:<28} {:<36} {}",
+            "{:<16} {:<28} {:<28} {:<28} {:<36} {usage}{}",
             r.upstream,
             r.dns.cell(),
             r.tcp.cell(),
@@ -96,6 +135,7 @@ pub async fn check(config: UpstreamConfig) -> Report {
         tcp: Step::Skipped("not run"),
         tls: Step::Skipped("not run"),
         models: Step::Skipped("not run"),
+        stream_usage: None,
     };
     let timeout = config.connect_timeout;
     // base_url was validated as an http(s) URL with a host when the config loaded.
@@ -234,6 +274,90 @@ async fn list_models(config: &UpstreamConfig) -> Result<(http::StatusCode, Bytes
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// One streamed chat request to `upstream`, for the first model that
+/// targets it, asking for usage: whether the usage chunk came. Not sending
+/// it is not a failure of the upstream (the row's result stays as it is),
+/// but its streams' tokens will be estimates.
+async fn stream_usage(config: &Config, upstream: &str) -> Step {
+    let Some(index) = config.upstream_index(upstream) else {
+        return Step::Skipped("not configured");
+    };
+    let upstream = &config.upstreams[index];
+    let Some(model) = config
+        .models
+        .iter()
+        .flat_map(|m| &m.targets)
+        .find(|t| t.upstream == index)
+        .map(|t| t.model.clone())
+    else {
+        return Step::Skipped("no model targets it");
+    };
+    let started = Instant::now();
+    let limit = upstream.request_timeout.min(Duration::from_secs(30));
+    match tokio::time::timeout(limit, read_stream_usage(upstream, &model)).await {
+        Err(_) => failed(started, format!("no end in {}", humantime::format_duration(limit))),
+        Ok(Err(reason)) => failed(started, reason),
+        Ok(Ok(Some(usage))) => ok(
+            started,
+            format!("sent: {} prompt, {} completion", usage.prompt, usage.completion),
+        ),
+        Ok(Ok(None)) => Step::Ok {
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            detail: "NOT SENT: stream tokens are estimated".into(),
+        },
+    }
+}
+
+async fn read_stream_usage(config: &UpstreamConfig, model: &str) -> Result<Option<crate::usage::Usage>, String> {
+    let pool = tls_config()
+        .and_then(|tls| Pool::new(config, tls))
+        .map_err(|e| format!("cannot build client: {e}"))?;
+    let uri = Uri::try_from(format!("{}/chat/completions", config.base_url)).map_err(|e| e.to_string())?;
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say OK."}],
+        "max_tokens": 1,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let mut request = Request::new(Full::new(Bytes::from(body.to_string())));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(header::USER_AGENT, USER_AGENT);
+    headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    if let Some(auth) = authorization_header(config) {
+        headers.insert(header::AUTHORIZATION, auth);
+    }
+    let response = pool
+        .send(request)
+        .await
+        .map_err(|e| format!("request failed: {}", with_sources(&e)))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("HTTP {}", status.as_u16()));
+    }
+    let body = response
+        .into_body()
+        .into_data_stream()
+        .map(|r| r.map_err(|_| BodyError))
+        .boxed();
+    let mut reader = SseReader::new(body);
+    let mut usage = None;
+    while let Some(batch) = reader
+        .next_batch()
+        .await
+        .map_err(|e| format!("the stream broke: {e:?}"))?
+    {
+        let info = crate::sse::inspect(&batch);
+        usage = info.usage.or(usage);
+        if info.done {
+            break;
+        }
+    }
+    Ok(usage)
 }
 
 /// An error and its causes on one line (hyper's own message is only

@@ -52,10 +52,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Check each upstream step by step: DNS, TCP connect, TLS, then GET /models with its key.
-    Doctor {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
+    Doctor(crate::cmd::doctor::DoctorArgs),
     /// Run the gateway in front of simulated upstreams: no key, no network.
     Demo(crate::cmd::demo::DemoArgs),
     /// Totals from a usage ledger (requests, tokens by type, cost), to compare with a provider's bill.
@@ -85,7 +82,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config, listen } => serve(&config.config, listen).await,
             Command::Check { config } => check(&config.config),
-            Command::Doctor { config } => crate::cmd::doctor::run(&config.config).await,
+            Command::Doctor(args) => crate::cmd::doctor::run(args).await,
             Command::Demo(args) => crate::cmd::demo::run(args).await,
             Command::Usage(args) => crate::cmd::usage::run(args),
             Command::Compare(args) => compare::compare(args),
