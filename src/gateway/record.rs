@@ -253,7 +253,7 @@ impl RequestRecord {
         self.text_bytes += info.text_bytes;
         self.set_usage(info.usage);
         if let Some(text) = self.text.as_mut() {
-            crate::telemetry::comparison::stream_text(batch, text);
+            sse::events(batch).for_each(|e| crate::telemetry::comparison::delta_text(&e.data, text));
         }
     }
 

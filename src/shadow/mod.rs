@@ -26,7 +26,7 @@ use crate::outcome::{ErrorType, Outcome, Status, Verdict};
 use crate::ratelimit::Limiter;
 use crate::request::{Endpoint, ParsedRequest};
 use crate::sse::ReadError;
-use crate::telemetry::comparison::{content_hash, message_text, stream_text};
+use crate::telemetry::comparison::{content_hash, delta_text, message_text};
 use crate::telemetry::ledger::LedgerLine;
 use crate::telemetry::metrics::{Metrics, TOKEN_TYPES};
 use crate::telemetry::Sinks;
@@ -252,7 +252,7 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
                 done |= info.done;
                 usage = info.usage.or(usage);
                 if want_text {
-                    stream_text(&b, &mut text);
+                    crate::sse::events(&b).for_each(|e| delta_text(&e.data, &mut text));
                 }
                 let idle_at = (Instant::now() + upstream.config.idle_timeout).min(deadline);
                 match tokio::time::timeout_at(idle_at, reader.next_batch()).await {

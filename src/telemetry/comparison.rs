@@ -22,19 +22,14 @@ pub fn message_text(body: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Appends the text deltas of a batch of SSE events.
-pub fn stream_text(batch: &[u8], out: &mut String) {
-    for line in batch.split(|&b| b == b'\n') {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data.starts_with(b"{") {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
-                let choice = &v["choices"][0];
-                if let Some(t) = choice["delta"]["content"].as_str().or_else(|| choice["text"].as_str()) {
-                    out.push_str(t);
-                }
+/// Appends the text delta of one SSE event's data (read by `sse::events`,
+/// so any legal writing of the stream gives the same text).
+pub fn delta_text(data: &[u8], out: &mut String) {
+    if data.starts_with(b"{") {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+            let choice = &v["choices"][0];
+            if let Some(t) = choice["delta"]["content"].as_str().or_else(|| choice["text"].as_str()) {
+                out.push_str(t);
             }
         }
     }
@@ -306,10 +301,8 @@ mod tests {
             Some("hi".to_owned())
         );
         let mut s = String::new();
-        stream_text(
-            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\\u00e9\"}}]}\n\ndata: [DONE]\n\n",
-            &mut s,
-        );
+        delta_text(br#"{"choices":[{"delta":{"content":"a\u00e9"}}]}"#, &mut s);
+        delta_text(b"[DONE]", &mut s);
         assert_eq!(s, "a\u{e9}");
         assert_eq!(content_hash("abc"), content_hash("abc"));
         assert_ne!(content_hash("abc"), content_hash("abd"));
