@@ -74,7 +74,13 @@ impl SseReader {
             match self.upstream.next().await {
                 Some(Ok(chunk)) if self.buf.is_empty() => {
                     // The common case, a read that ends on an event
-                    // boundary: pass the chunk on without copying it.
+                    // boundary: pass the chunk on without copying it, and
+                    // without a scan when its last two line ends tell (an
+                    // LF after a line end, or CRLF CRLF, ends a blank line:
+                    // the scanner would end where it starts).
+                    if chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n") {
+                        return Ok(Some(chunk));
+                    }
                     match self.scan.scan(&chunk) {
                         Some(end) if end == chunk.len() => {
                             self.scan.consumed(end);

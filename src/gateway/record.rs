@@ -128,16 +128,16 @@ impl RequestRecord {
     }
 
     /// Estimates the prompt tokens from the request body (bytes / 4 of its
-    /// text, as the rate limiter estimates them).
+    /// text, as the rate limiter estimates them, without its `max_tokens`).
     pub fn set_prompt_estimate(&mut self, body: &[u8]) {
-        self.prompt_estimate = crate::ratelimit::estimate_tokens(body, 0);
+        self.prompt_estimate = crate::ratelimit::estimate_prompt_tokens(body);
     }
 
     /// A plain answer came without `usage`: its tokens are estimated, the
     /// prompt from the request body, the completion from the answer's text.
     pub fn estimate_usage(&mut self, request: &[u8], answer: &[u8]) {
         self.usage = Some(Usage {
-            prompt: crate::ratelimit::estimate_tokens(request, 0),
+            prompt: crate::ratelimit::estimate_prompt_tokens(request),
             completion: usage::estimate_completion(usage::generated_text_bytes(answer)),
             cached_prompt: 0,
             reasoning: 0,

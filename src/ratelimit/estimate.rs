@@ -50,10 +50,20 @@ struct Body {
 /// A body that is not a JSON object of that shape: its length / 4 plus
 /// `default_max_tokens`.
 pub fn estimate_tokens(body: &[u8], default_max_tokens: u64) -> u64 {
+    let (prompt, completion) = estimate(body, default_max_tokens);
+    prompt.saturating_add(completion)
+}
+
+/// The prompt part of `estimate_tokens` alone: a request's prompt tokens
+/// when the provider reports no usage (docs/ledger.md, "Estimated usage").
+pub fn estimate_prompt_tokens(body: &[u8]) -> u64 {
+    estimate(body, 0).0
+}
+
+/// (prompt, completion) as `estimate_tokens` documents them.
+fn estimate(body: &[u8], default_max_tokens: u64) -> (u64, u64) {
     let Ok(b) = serde_json::from_slice::<Body>(body) else {
-        return (body.len() as u64)
-            .div_ceil(BYTES_PER_TOKEN)
-            .saturating_add(default_max_tokens);
+        return ((body.len() as u64).div_ceil(BYTES_PER_TOKEN), default_max_tokens);
     };
     let mut count = Count::default();
     for c in [b.messages, b.prompt, b.input, b.instructions, b.tools, b.functions]
@@ -69,7 +79,7 @@ pub fn estimate_tokens(body: &[u8], default_max_tokens: u64) -> u64 {
         .or(b.max_output_tokens)
         .unwrap_or(default_max_tokens)
         .saturating_mul(b.n.unwrap_or(1).max(1));
-    count.tokens().saturating_add(completion)
+    (count.tokens(), completion)
 }
 
 #[derive(Default)]
@@ -274,5 +284,15 @@ mod tests {
         assert_eq!(estimate_tokens(b"", 10), 10);
         // Wrong types are treated like non-JSON, not as zero.
         assert_eq!(estimate_tokens(br#"{"max_tokens":"lots"}"#, 10), 6 + 10);
+    }
+
+    #[test]
+    fn the_prompt_part_leaves_out_the_completion() {
+        let body = br#"{"model":"m","max_tokens":1000,"messages":[{"role":"user","content":"hello"}]}"#;
+        let prompt = estimate_prompt_tokens(body);
+        assert_eq!(estimate_tokens(body, 0), prompt + 1000);
+        assert_eq!(estimate_tokens(body, 77), prompt + 1000, "the client's max_tokens wins");
+        assert!(prompt > 0 && prompt < 20, "{prompt}");
+        assert_eq!(estimate_prompt_tokens(b"not json!"), 3);
     }
 }
