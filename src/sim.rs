@@ -6,6 +6,11 @@
 //! `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`, and it
 //! counts what it saw (requests, streams opened, completed and cancelled by
 //! the peer) so tests can assert upstream behaviour, not only responses.
+//!
+//! Its streams are compact JSON on one `data:` line per event with LF line
+//! ends, as OpenAI sends them, unless the shape knobs ask for other legal
+//! SSE (`sse_spaced_json`, `split_data_lines`, `line_ending`) or for an
+//! upstream that leaves usage out (`ignore_include_usage`, `omit_usage`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -62,6 +67,39 @@ pub struct Faults {
     /// Answer `307 Temporary Redirect` to this URL (an upstream that tries
     /// to send the request, and its key, elsewhere).
     pub redirect_to: Option<String>,
+    /// Write stream chunks as Python's `json.dumps` does, with a space after
+    /// every `:` and `,`: `{"delta": {"content": "Hello"}}`.
+    pub sse_spaced_json: bool,
+    /// Send each JSON event (the usage chunk too) as two `data:` lines,
+    /// split after its first `,` outside a string; by the SSE spec they join
+    /// with a newline, which is JSON whitespace there.
+    pub split_data_lines: bool,
+    /// Never send the usage chunk, even when the request asks for it with
+    /// `stream_options.include_usage` (as many compatible servers do).
+    pub ignore_include_usage: bool,
+    /// Plain (non-stream) answers come without a `usage` object.
+    pub omit_usage: bool,
+    /// How every line of a stream ends.
+    pub line_ending: LineEnding,
+}
+
+/// The line end of an SSE body: the spec allows all three.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LineEnding {
+    #[default]
+    Lf,
+    CrLf,
+    Cr,
+}
+
+impl LineEnding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineEnding::Lf => "\n",
+            LineEnding::CrLf => "\r\n",
+            LineEnding::Cr => "\r",
+        }
+    }
 }
 
 impl Default for Faults {
@@ -83,7 +121,20 @@ impl Default for Faults {
             reasoning_tokens: 0,
             require_key: None,
             redirect_to: None,
+            sse_spaced_json: false,
+            split_data_lines: false,
+            ignore_include_usage: false,
+            omit_usage: false,
+            line_ending: LineEnding::Lf,
         }
+    }
+}
+
+impl Faults {
+    /// Events are written other than as compact JSON on one LF line. Off,
+    /// the common case, they take the plain `format!` path.
+    fn shapes_events(&self) -> bool {
+        self.sse_spaced_json || self.split_data_lines || self.line_ending != LineEnding::Lf
     }
 }
 
@@ -279,7 +330,8 @@ const WORDS: [&str; 8] = [
     " Bye",
 ];
 
-fn answer(chunks: usize) -> String {
+/// The text of an answer of `chunks` words (content chunks, for a stream).
+pub fn answer(chunks: usize) -> String {
     (0..chunks).map(|i| WORDS[i % WORDS.len()]).collect()
 }
 
@@ -378,8 +430,13 @@ fn error(status: u16, code: &str, message: &str, retry_after: Option<&str>) -> R
     response
 }
 
+/// The `prompt_tokens` the simulator reports for a chat request.
+pub fn prompt_tokens(request: &Value) -> u64 {
+    (request["messages"].to_string().len() / 4).max(1) as u64
+}
+
 fn usage(request: &Value, completion: usize, faults: &Faults) -> Value {
-    let prompt = (request["messages"].to_string().len() / 4).max(1) as u64;
+    let prompt = prompt_tokens(request);
     let cached = faults.cached_tokens.min(prompt);
     json!({
         "prompt_tokens": prompt,
@@ -411,16 +468,18 @@ async fn chat(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         return stream(inner.clone(), faults, request, model, id, include_usage);
     }
     let content = answer(faults.chunks);
-    axum::Json(json!({
+    let mut body = json!({
         "id": id,
         "object": "chat.completion",
         "created": now(),
         "model": model,
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
-        "usage": usage(&request, faults.chunks, &faults),
         "system_fingerprint": "fp_relaygate_sim",
-    }))
-    .into_response()
+    });
+    if !faults.omit_usage {
+        body["usage"] = usage(&request, faults.chunks, &faults);
+    }
+    axum::Json(body).into_response()
 }
 
 /// Tracks one stream; counts it as cancelled if the body is dropped early.
@@ -469,24 +528,29 @@ fn stream(
         })
     };
     // Events in order; `Some(n)` marks the n-th content chunk (1-based).
+    // The default shape keeps to one `format!` per event: the benchmark's
+    // upstream runs this path for every chunk it sends.
+    let shaped = faults.shapes_events();
+    let event = |value: &Value| if shaped { shaped_sse(value, &faults) } else { sse(value) };
     let mut events: Vec<(Option<usize>, String)> = Vec::with_capacity(faults.chunks + 4);
     events.push((
         None,
-        sse(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null)),
+        event(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null)),
     ));
     for i in 0..faults.chunks {
         let word = WORDS[i % WORDS.len()];
-        events.push((Some(i + 1), sse(&chunk(json!({ "content": word }), Value::Null))));
+        events.push((Some(i + 1), event(&chunk(json!({ "content": word }), Value::Null))));
     }
-    events.push((None, sse(&chunk(json!({}), json!("stop")))));
-    if include_usage {
+    events.push((None, event(&chunk(json!({}), json!("stop")))));
+    if include_usage && !faults.ignore_include_usage {
         let u = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [], "usage": usage(&request, faults.chunks, &faults),
         });
-        events.push((None, sse(&u)));
+        events.push((None, event(&u)));
     }
-    events.push((None, "data: [DONE]\n\n".to_owned()));
+    let eol = faults.line_ending.as_str();
+    events.push((None, format!("data: [DONE]{eol}{eol}")));
 
     if faults.garbage_body {
         events = vec![(None, "this is not server-sent events\n".to_owned())];
@@ -550,20 +614,83 @@ fn sse(value: &Value) -> String {
     format!("data: {value}\n\n")
 }
 
+/// One event in the shape the knobs ask for (`sse_spaced_json`,
+/// `split_data_lines`, `line_ending`).
+fn shaped_sse(value: &Value, faults: &Faults) -> String {
+    let json = if faults.sse_spaced_json {
+        spaced_json(value)
+    } else {
+        value.to_string()
+    };
+    let eol = faults.line_ending.as_str();
+    let split = faults.split_data_lines.then(|| after_first_comma(&json)).flatten();
+    match split {
+        Some(at) => format!("data: {}{eol}data: {}{eol}{eol}", &json[..at], &json[at..]),
+        None => format!("data: {json}{eol}{eol}"),
+    }
+}
+
+/// JSON as Python's `json.dumps` writes it by default: `", "` between
+/// members and elements, `": "` after keys.
+fn spaced_json(value: &Value) -> String {
+    struct Spaced;
+    impl serde_json::ser::Formatter for Spaced {
+        fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+            w.write_all(b": ")
+        }
+    }
+    let mut out = Vec::with_capacity(256);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, Spaced);
+    serde::Serialize::serialize(value, &mut ser).expect("a Value serialises");
+    String::from_utf8(out).expect("JSON is UTF-8")
+}
+
+/// The offset just past the first `,` of `json` outside a string, where a
+/// line break is JSON whitespace.
+fn after_first_comma(json: &str) -> Option<usize> {
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, b) in json.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if in_string => escaped = true,
+            b'"' => in_string = !in_string,
+            b',' if !in_string => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
 async fn completions(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let (faults, request) = match prologue(&inner, req).await {
         Ok(v) => v,
         Err(response) => return response,
     };
-    axum::Json(json!({
+    let mut body = json!({
         "id": format!("cmpl-{:x}", fastrand::u64(..)),
         "object": "text_completion",
         "created": now(),
         "model": request["model"],
         "choices": [{ "index": 0, "text": answer(faults.chunks), "finish_reason": "stop", "logprobs": null }],
-        "usage": usage(&request, faults.chunks, &faults),
-    }))
-    .into_response()
+    });
+    if !faults.omit_usage {
+        body["usage"] = usage(&request, faults.chunks, &faults);
+    }
+    axum::Json(body).into_response()
 }
 
 async fn embeddings(State(inner): State<Arc<Inner>>, req: Request) -> Response {
@@ -604,4 +731,46 @@ async fn models(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response
         ],
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spaced_json_is_what_python_writes() {
+        let v = json!({ "choices": [{ "delta": { "content": "v0 " } }], "n": [1, 2], "s": "a,b: c" });
+        // json.dumps(v) in Python, keys in the same (sorted) order.
+        assert_eq!(
+            spaced_json(&v),
+            r#"{"choices": [{"delta": {"content": "v0 "}}], "n": [1, 2], "s": "a,b: c"}"#
+        );
+    }
+
+    #[test]
+    fn shaped_events_join_back_to_the_same_json() {
+        let v = json!({ "a": "x,\"y\\", "b": { "c": [1, 2] } });
+        let faults = Faults {
+            split_data_lines: true,
+            line_ending: LineEnding::CrLf,
+            ..Faults::default()
+        };
+        let event = shaped_sse(&v, &faults);
+        assert_eq!(
+            event,
+            "data: {\"a\":\"x,\\\"y\\\\\",\r\ndata: \"b\":{\"c\":[1,2]}}\r\n\r\n"
+        );
+        // The spec's join: data values, newline between them.
+        let joined: Vec<&str> = event.split("\r\n").filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(serde_json::from_str::<Value>(&joined.join("\n")).unwrap(), v);
+        // Nothing to split at: one line.
+        assert_eq!(shaped_sse(&json!([]), &faults), "data: []\r\n\r\n");
+        let cr = Faults {
+            sse_spaced_json: true,
+            line_ending: LineEnding::Cr,
+            ..Faults::default()
+        };
+        assert_eq!(shaped_sse(&json!({ "a": 1 }), &cr), "data: {\"a\": 1}\r\r");
+        assert!(!Faults::default().shapes_events());
+    }
 }
