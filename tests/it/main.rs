@@ -38,3 +38,4 @@ mod reload;
 mod resilience;
 mod shadow;
 mod sse_props;
+mod sse_shapes;
