@@ -450,3 +450,42 @@ fn go_durations_read_as_milliseconds() {
     assert_eq!(go_duration_ms("16m59.5s"), 1_019_500);
     assert_eq!(go_duration_ms("1h2m3s"), 3_723_000);
 }
+
+/// The prompt estimate is the prompt's: a client's `max_tokens` is what it
+/// allows the completion, not part of its prompt. Today both estimates (a
+/// stream without usage, `RequestRecord::set_prompt_estimate`; a plain
+/// answer without it, `estimate_usage`) are `estimate_tokens(body, 0)`,
+/// which adds `max_tokens` when the body has one: with `max_tokens: 1000`
+/// the ledger and the metrics count 1006 prompt tokens for a 6-token
+/// prompt, billed at the input price, and TPM reconciles to the same.
+#[tokio::test]
+#[ignore = "open bug: the prompt estimate is estimate_tokens(body, 0), which adds the client's max_tokens"]
+async fn the_prompt_estimate_leaves_out_max_tokens() {
+    let sim = Sim::start(
+        "a",
+        Faults {
+            ignore_include_usage: true,
+            omit_usage: true,
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let gw = Gateway::with_sim(&sim).await;
+    let prompt = Tokens::estimated(&Faults::default()).prompt;
+    for stream in [true, false] {
+        let mut body = json!({ "model": STREAMED, "messages": messages(), "stream": stream, "max_tokens": 1000 });
+        if !stream {
+            body.as_object_mut().unwrap().remove("stream");
+        }
+        read_all(post_chat(&gw, &body).await).await;
+    }
+    let series = r#"relaygate_tokens_total{model="deepseek-chat",type="prompt",upstream="a"}"#;
+    eventually(Duration::from_secs(5), "both requests are recorded", || async {
+        gw.metric(r#"relaygate_usage_estimated_total{model="deepseek-chat",upstream="a"}"#)
+            .await
+            == 2.0
+    })
+    .await;
+    assert_eq!(gw.metric(series).await, (2 * prompt) as f64, "{series}");
+}
