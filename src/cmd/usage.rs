@@ -5,7 +5,10 @@
 //! relaygate usage --ledger FILE [--since 24h] [--by key|model|upstream|day] [--include-shadow]
 //! ```
 //!
-//! One row per group, sorted by name, then a TOTAL row. Lines that do not
+//! One row per group, sorted by name, then a TOTAL row. `EST_%` is the
+//! share of a row's requests whose usage relaygate estimated because the
+//! upstream sent none: `--by upstream`, it shows whose bill lines relaygate
+//! can only approximate. Lines that do not
 //! parse are skipped and counted in a note under the table; blank lines are
 //! ignored. Shadow (mirrored) requests are left out unless asked for: the
 //! provider bills them, but they are not client traffic, so the note says how
@@ -97,7 +100,16 @@ impl Totals {
         self.estimated += o.estimated;
     }
 
-    fn cells(&self, name: &str) -> [String; 9] {
+    /// `EST_%`: the share of requests with estimated usage, in percent to
+    /// one decimal; `-` for a row without requests.
+    fn estimated_share(&self) -> String {
+        if self.requests == 0 {
+            return "-".to_owned();
+        }
+        format!("{:.1}", self.estimated as f64 * 100.0 / self.requests as f64)
+    }
+
+    fn cells(&self, name: &str) -> [String; 10] {
         [
             name.to_owned(),
             self.requests.to_string(),
@@ -108,11 +120,12 @@ impl Totals {
             self.reasoning.to_string(),
             format!("{:.6}", self.cost_usd),
             self.estimated.to_string(),
+            self.estimated_share(),
         ]
     }
 }
 
-const COLUMNS: [&str; 8] = [
+const COLUMNS: [&str; 9] = [
     "REQUESTS",
     "ERRORS",
     "PROMPT",
@@ -121,6 +134,7 @@ const COLUMNS: [&str; 8] = [
     "REASONING",
     "COST_USD",
     "ESTIMATED",
+    "EST_%",
 ];
 
 /// Reads the ledger and renders the table. `now` is injected so tests can
@@ -176,7 +190,7 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
     for t in groups.values() {
         total.merge(t);
     }
-    let mut rows: Vec<[String; 9]> = Vec::with_capacity(groups.len() + 2);
+    let mut rows: Vec<[String; 10]> = Vec::with_capacity(groups.len() + 2);
     rows.push(std::array::from_fn(|i| match i {
         0 => args.by.header().to_owned(),
         _ => COLUMNS[i - 1].to_owned(),
@@ -184,7 +198,7 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
     rows.extend(groups.iter().map(|(name, t)| t.cells(name)));
     rows.push(total.cells("TOTAL"));
 
-    let mut widths = [0usize; 9];
+    let mut widths = [0usize; 10];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -254,5 +268,25 @@ mod tests {
         assert_eq!((t.requests, t.errors, t.estimated), (2, 1, 1));
         assert_eq!((t.prompt, t.cached, t.completion, t.reasoning), (6, 2, 8, 4));
         assert_eq!(t.cells("x")[7], "1.000000");
+        assert_eq!(t.cells("x")[9], "50.0");
+    }
+
+    #[test]
+    fn the_estimated_share_is_of_requests_to_one_decimal() {
+        let share = |requests, estimated| {
+            Totals {
+                requests,
+                estimated,
+                ..Totals::default()
+            }
+            .estimated_share()
+        };
+        assert_eq!(share(0, 0), "-", "no requests, no share");
+        assert_eq!(share(7, 0), "0.0");
+        assert_eq!(share(3, 1), "33.3");
+        assert_eq!(share(3, 2), "66.7");
+        assert_eq!(share(8, 1), "12.5");
+        assert_eq!(share(1000, 1), "0.1");
+        assert_eq!(share(4, 4), "100.0");
     }
 }
