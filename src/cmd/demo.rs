@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::config::Config;
-use crate::sim::{Faults, Sim};
+use crate::sim::{Faults, LineEnding, Sim};
 
 /// The embedded default config.
 pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
@@ -37,33 +37,74 @@ pub struct DemoArgs {
     /// How long each outage of the flaky upstream lasts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub outage: Duration,
+    /// Legal but less common SSE from both simulated upstreams, to see how
+    /// relaygate reads it (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sse_shape: Vec<SseShape>,
+}
+
+/// Stream shapes the simulated upstreams can send (`sim::Faults`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SseShape {
+    /// JSON with a space after `:` and `,`, as Python's json.dumps writes it.
+    SpacedJson,
+    /// Each event's JSON over two `data:` lines.
+    SplitDataLines,
+    /// No usage: streams ignore `stream_options.include_usage`, plain
+    /// answers have no `usage` (relaygate estimates the tokens).
+    NoUsage,
+    /// Lines end in CR.
+    Cr,
+    /// Lines end in CRLF.
+    Crlf,
+}
+
+impl SseShape {
+    fn apply(self, f: &mut Faults) {
+        match self {
+            SseShape::SpacedJson => f.sse_spaced_json = true,
+            SseShape::SplitDataLines => f.split_data_lines = true,
+            SseShape::NoUsage => {
+                f.ignore_include_usage = true;
+                f.omit_usage = true;
+            }
+            SseShape::Cr => f.line_ending = LineEnding::Cr,
+            SseShape::Crlf => f.line_ending = LineEnding::CrLf,
+        }
+    }
 }
 
 /// Starts the two simulators and returns them with the demo config that
 /// points at them.
 pub async fn setup(args: &DemoArgs) -> Result<(Vec<Sim>, Config), String> {
+    let shaped = |mut f: Faults| {
+        for shape in &args.sse_shape {
+            shape.apply(&mut f);
+        }
+        f
+    };
     let healthy = Sim::start(
         "sim-healthy",
-        Faults {
+        shaped(Faults {
             header_delay: Duration::from_millis(40),
             latency_jitter: Duration::from_millis(40),
             chunk_interval: Duration::from_millis(25),
             chunks: 12,
             ..Faults::default()
-        },
+        }),
     )
     .await
     .map_err(|e| format!("cannot start the simulated upstream: {e}"))?;
     let flaky = Sim::start(
         "sim-flaky",
-        Faults {
+        shaped(Faults {
             error_rate: args.flaky_error_rate.clamp(0.0, 1.0),
             header_delay: Duration::from_millis(60),
             latency_jitter: args.flaky_latency,
             chunk_interval: Duration::from_millis(40),
             chunks: 12,
             ..Faults::default()
-        },
+        }),
     )
     .await
     .map_err(|e| format!("cannot start the simulated upstream: {e}"))?;
@@ -93,6 +134,14 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
     println!("relaygate demo: the gateway in front of two simulated upstreams (no key, no network)");
     for sim in &sims {
         println!("  upstream {:<12} {}", sim.name(), sim.base_url());
+    }
+    if !args.sse_shape.is_empty() {
+        let shapes: Vec<String> = args
+            .sse_shape
+            .iter()
+            .filter_map(|s| clap::ValueEnum::to_possible_value(s).map(|v| v.get_name().to_owned()))
+            .collect();
+        println!("  both upstreams send SSE shaped: {}", shapes.join(", "));
     }
     println!("  models:");
     println!(
@@ -209,8 +258,9 @@ async fn traffic(base: String, rps: u32, state: crate::AppState) {
                         .send()
                         .await {
                         Ok(r) if r.status().is_success() => match r.bytes().await {
-                            // A stream that broke ends with an error event, not [DONE].
-                            Ok(b) => !stream || b.ends_with(b"data: [DONE]\n\n"),
+                            // A stream that broke ends with an error event, not
+                            // [DONE] (whatever the line ends, `--sse-shape`).
+                            Ok(b) => !stream || b.trim_ascii_end().ends_with(b"data: [DONE]"),
                             Err(_) => false,
                         },
                         _ => false,

@@ -489,3 +489,48 @@ async fn the_prompt_estimate_leaves_out_max_tokens() {
     .await;
     assert_eq!(gw.metric(series).await, (2 * prompt) as f64, "{series}");
 }
+
+/// `relaygate demo --sse-shape` puts the shapes in front of a user: the
+/// stream arrives as the upstream shaped it, and its tokens are estimated.
+#[tokio::test]
+async fn the_demo_sends_the_shapes_it_is_asked_for() {
+    use crate::common::process::Proc;
+    let demo = Proc::spawn_quiet(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-traffic",
+        "--outage-every",
+        "0s",
+        "--flaky-error-rate",
+        "0",
+        "--sse-shape",
+        "spaced-json,split-data-lines,no-usage,cr",
+    ])
+    .await;
+    let c = client();
+    let chat = |stream: bool| {
+        c.post(format!("{}/v1/chat/completions", demo.url))
+            .bearer_auth("demo")
+            .json(&json!({ "model": "deepseek-flaky", "messages": messages(), "stream": stream }))
+            .send()
+    };
+    let body = String::from_utf8(read_all(chat(true).await.unwrap()).await).unwrap();
+    assert!(body.contains("\"content\": \"Hello\"},\rdata: "), "{body:?}");
+    assert!(body.ends_with("data: [DONE]\r\r"), "{body:?}");
+    let plain: Value = chat(false).await.unwrap().json().await.unwrap();
+    assert_eq!(plain["usage"], Value::Null, "{plain}");
+    eventually(Duration::from_secs(5), "both requests estimated", || async {
+        let m = reqwest::get(format!("{}/metrics", demo.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric_value(
+            &m,
+            r#"relaygate_usage_estimated_total{model="deepseek-flaky",upstream="sim-flaky"}"#,
+        ) == 2.0
+    })
+    .await;
+}
