@@ -12,7 +12,8 @@
 //!
 //! Needs a Python with `openai`, found as `openai_sdk.rs` finds it
 //! (`RELAYGATE_PYTHON`, `.venv/bin/python`, `python3`); set
-//! `RELAYGATE_SKIP_SDK=1` to skip these tests on purpose.
+//! `RELAYGATE_SKIP_SDK=1` to skip the SDK's part on purpose (the check of
+//! the raw bytes a client receives still runs).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -261,15 +262,33 @@ fn sse_events<'a>(body: &'a str, eol: &str) -> Vec<&'a str> {
     body.split_inclusive(&format!("{eol}{eol}")).collect()
 }
 
-/// One shape, end to end: the SDK's streams with and without usage asked
-/// for, then the raw bytes a client receives.
+/// One shape, end to end: the raw bytes a client receives, then the SDK's
+/// streams with and without usage asked for, and what was counted.
 async fn check_shape(faults: Faults) {
-    let Some(python) = python() else { return };
     let sim = Sim::start("a", faults.clone()).await.unwrap();
-    let ledger = crate::common::process::temp_dir().join("usage.jsonl");
-    let mut gw = Gateway::start(&config(&sim, &ledger), &[]).await;
     let sends_usage = !faults.ignore_include_usage;
     let text = sim::answer(faults.chunks);
+    let gw = Gateway::with_sim(&sim).await;
+
+    // The bytes: exactly the upstream's, less the usage event relaygate
+    // asked for, whole (both of its lines when it is split).
+    let eol = faults.line_ending.as_str();
+    let got = read_all(post_chat(&gw, &chat(true)).await).await;
+    let sent = String::from_utf8(sim.last_stream_bytes()).unwrap();
+    let (usage_events, rest): (Vec<&str>, Vec<&str>) = sse_events(&sent, eol)
+        .into_iter()
+        .partition(|e| e.contains("\"usage\""));
+    assert_eq!(usage_events.len(), usize::from(sends_usage), "{sent:?}");
+    assert_eq!(String::from_utf8(got).unwrap(), rest.concat());
+    let mut body = chat(true);
+    body["stream_options"] = json!({ "include_usage": true });
+    let got = read_all(post_chat(&gw, &body).await).await;
+    assert_eq!(got, sim.last_stream_bytes(), "asked for: all of it");
+    drop(gw);
+
+    let Some(python) = python() else { return };
+    let ledger = crate::common::process::temp_dir().join("usage.jsonl");
+    let mut gw = Gateway::start(&config(&sim, &ledger), &[]).await;
 
     let started = Instant::now();
     let seen = run_sdk(
@@ -322,22 +341,6 @@ async fn check_shape(faults: Faults) {
         (Tokens::estimated(&faults), true)
     };
     check_counts(&ledger, &all, expected, estimated);
-
-    // The bytes: exactly the upstream's, less the usage event relaygate
-    // asked for, whole (both of its lines when it is split).
-    let gw = Gateway::with_sim(&sim).await;
-    let eol = faults.line_ending.as_str();
-    let got = read_all(post_chat(&gw, &chat(true)).await).await;
-    let sent = String::from_utf8(sim.last_stream_bytes()).unwrap();
-    let (usage_events, rest): (Vec<&str>, Vec<&str>) = sse_events(&sent, eol)
-        .into_iter()
-        .partition(|e| e.contains("\"usage\""));
-    assert_eq!(usage_events.len(), usize::from(sends_usage), "{sent:?}");
-    assert_eq!(String::from_utf8(got).unwrap(), rest.concat());
-    let mut body = chat(true);
-    body["stream_options"] = json!({ "include_usage": true });
-    let got = read_all(post_chat(&gw, &body).await).await;
-    assert_eq!(got, sim.last_stream_bytes(), "asked for: all of it");
 }
 
 #[tokio::test]
