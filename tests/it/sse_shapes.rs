@@ -129,7 +129,7 @@ impl Tokens {
         let body = json!({ "messages": messages() }).to_string();
         let text = sim::answer(faults.chunks);
         Tokens {
-            prompt: relaygate::ratelimit::estimate_tokens(body.as_bytes(), 0),
+            prompt: relaygate::ratelimit::estimate_prompt_tokens(body.as_bytes()),
             completion: (text.len() as u64).div_ceil(4),
         }
     }
@@ -455,14 +455,12 @@ fn go_durations_read_as_milliseconds() {
 }
 
 /// The prompt estimate is the prompt's: a client's `max_tokens` is what it
-/// allows the completion, not part of its prompt. Today both estimates (a
-/// stream without usage, `RequestRecord::set_prompt_estimate`; a plain
-/// answer without it, `estimate_usage`) are `estimate_tokens(body, 0)`,
-/// which adds `max_tokens` when the body has one: with `max_tokens: 1000`
-/// the ledger and the metrics count 1006 prompt tokens for a 6-token
-/// prompt, billed at the input price, and TPM reconciles to the same.
+/// allows the completion, not part of its prompt. Both estimates (a stream
+/// without usage, a plain answer without it) once added `max_tokens`: with
+/// `max_tokens: 1000` the ledger and the metrics counted 1006 prompt tokens
+/// for a 6-token prompt, billed at the input price, and TPM reconciled to
+/// the same.
 #[tokio::test]
-#[ignore = "open bug: the prompt estimate is estimate_tokens(body, 0), which adds the client's max_tokens"]
 async fn the_prompt_estimate_leaves_out_max_tokens() {
     let sim = Sim::start(
         "a",
