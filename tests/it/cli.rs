@@ -305,6 +305,70 @@ connect_timeout = "2s"
     assert!(!out.contains("sk-doctor-secret"));
 }
 
+/// `doctor --stream-usage` says which upstream sends usage for streams and
+/// which does not (its tokens are then estimated), without failing the row.
+#[tokio::test]
+async fn doctor_says_whether_an_upstream_sends_usage_for_streams() {
+    let sends = Sim::start("sends", Faults::default()).await.unwrap();
+    let silent = Sim::start(
+        "silent",
+        Faults {
+            ignore_include_usage: true,
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let file = temp_file(
+        "usage.toml",
+        &format!(
+            r#"
+[[upstreams]]
+name = "sends"
+base_url = "{}"
+
+[[upstreams]]
+name = "silent"
+base_url = "{}"
+
+[[upstreams]]
+name = "unused"
+base_url = "{}"
+
+[[models]]
+name = "m"
+targets = [{{ upstream = "sends" }}, {{ upstream = "silent", model = "other-model" }}]
+"#,
+            sends.base_url(),
+            silent.base_url(),
+            sends.base_url()
+        ),
+    );
+    let (code, out, err) = run(&["doctor", "--stream-usage", "--config", file.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.lines().next().unwrap().contains("STREAM USAGE"), "{out}");
+    let row = |name: &str| out.lines().find(|l| l.starts_with(name)).unwrap().to_owned();
+    assert!(row("sends").contains("sent:") && row("sends").ends_with("OK"), "{out}");
+    assert!(
+        row("silent").contains("NOT SENT: stream tokens are estimated") && row("silent").ends_with("OK"),
+        "{out}"
+    );
+    assert!(row("unused").contains("no model targets it"), "{out}");
+    let seen = silent.last_request().unwrap();
+    let body: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(body["model"], "other-model", "the target's upstream model name");
+    assert_eq!(body["max_tokens"], 1);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+
+    assert_eq!(sends.stats().streams_opened, 1);
+
+    // Without the flag, no column and no stream.
+    let (code, out, _) = run(&["doctor", "--config", file.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("STREAM USAGE"), "{out}");
+    assert_eq!(sends.stats().streams_opened, 1, "GET /models only");
+}
+
 #[tokio::test]
 async fn demo_serves_without_a_key_or_network() {
     let proc = Proc::spawn(&["demo", "--listen", "127.0.0.1:0"], &[]).await;
