@@ -130,6 +130,14 @@ fn usage_extraction(c: &mut Criterion) {
     g.bench_function("inspect/usage_and_done", |b| {
         b.iter(|| sse::inspect(black_box(USAGE_AND_DONE.as_bytes())))
     });
+    // inspect's two parts: the spec's event parse, and the text scan.
+    g.bench_function("events/content_event", |b| {
+        b.iter(|| sse::events(black_box(content.as_bytes())).count())
+    });
+    let data = content.trim_start_matches("data: ").trim_end();
+    g.bench_function("generated_text_bytes/content_event", |b| {
+        b.iter(|| usage::generated_text_bytes(black_box(data.as_bytes())))
+    });
     let body = completion_body();
     g.bench_function("from_json/chat_completion", |b| {
         b.iter(|| usage::from_json(black_box(&body)).expect("JSON"))
