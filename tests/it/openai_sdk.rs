@@ -12,24 +12,9 @@ use relaygate::sim::{Faults, Sim};
 
 use crate::common::*;
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("RELAYGATE_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        return venv;
-    }
-    "python3".into()
-}
-
 #[tokio::test]
 async fn the_official_python_sdk_works_through_relaygate() {
-    if std::env::var("RELAYGATE_SKIP_SDK").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: RELAYGATE_SKIP_SDK=1");
-        return;
-    }
-    let python = python();
+    let Some(python) = sdk_python() else { return };
     let probe = tokio::process::Command::new(&python)
         .args(["-c", "import openai; print(openai.__version__)"])
         .output()

@@ -37,18 +37,6 @@ fn messages() -> Value {
     json!([{ "role": "user", "content": "Say hello" }])
 }
 
-fn python() -> Option<PathBuf> {
-    if std::env::var("RELAYGATE_SKIP_SDK").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: RELAYGATE_SKIP_SDK=1");
-        return None;
-    }
-    if let Ok(p) = std::env::var("RELAYGATE_PYTHON") {
-        return Some(p.into());
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    Some(if venv.exists() { venv } else { "python3".into() })
-}
-
 /// The harness config plus the two other models, the ledger, and a TPM
 /// rule per model of one token a minute. Such a bucket says, to the
 /// minute, how many tokens were charged to it: see `tpm_charged`.
@@ -286,7 +274,7 @@ async fn check_shape(faults: Faults) {
     assert_eq!(got, sim.last_stream_bytes(), "asked for: all of it");
     drop(gw);
 
-    let Some(python) = python() else { return };
+    let Some(python) = sdk_python() else { return };
     let ledger = crate::common::process::temp_dir().join("usage.jsonl");
     let mut gw = Gateway::start(&config(&sim, &ledger), &[]).await;
 
@@ -419,7 +407,7 @@ async fn all_shapes_with_the_usage_sent() {
 /// flagged.
 #[tokio::test]
 async fn a_plain_answer_without_usage() {
-    let Some(python) = python() else { return };
+    let Some(python) = sdk_python() else { return };
     let faults = Faults {
         omit_usage: true,
         ..Faults::default()

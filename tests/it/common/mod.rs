@@ -307,3 +307,19 @@ pub async fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// The Python that runs the official `openai` SDK in the end-to-end tests:
+/// `RELAYGATE_PYTHON`, else `.venv/bin/python` in the repo (what `.ci/run`
+/// creates), else `python3`. `None` when `RELAYGATE_SKIP_SDK=1` asks to
+/// skip the SDK's part on purpose.
+pub fn sdk_python() -> Option<std::path::PathBuf> {
+    if std::env::var("RELAYGATE_SKIP_SDK").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: RELAYGATE_SKIP_SDK=1");
+        return None;
+    }
+    if let Ok(p) = std::env::var("RELAYGATE_PYTHON") {
+        return Some(p.into());
+    }
+    let venv = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    Some(if venv.exists() { venv } else { "python3".into() })
+}
