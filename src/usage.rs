@@ -397,6 +397,21 @@ pub fn estimate_completion(text_bytes: u64) -> u64 {
 }
 
 impl Usage {
+    /// The usage relaygate estimates when the provider reports none
+    /// (docs/ledger.md, "Estimated usage"): the prompt as estimated from
+    /// the request, the completion from the bytes of text generated; no
+    /// cached or reasoning tokens, since nothing tells them.
+    pub fn estimated(prompt: u64, text_bytes: u64) -> Usage {
+        Usage {
+            prompt,
+            completion: estimate_completion(text_bytes),
+            cached_prompt: 0,
+            reasoning: 0,
+        }
+    }
+}
+
+impl Usage {
     /// Cost in USD. Cached prompt tokens are billed at the cached price when
     /// one is set, otherwise at the input price.
     pub fn cost(&self, price: &Price) -> f64 {

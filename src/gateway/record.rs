@@ -39,7 +39,7 @@ pub struct RequestRecord {
     /// life of a stream would cost memory per open stream.
     prompt_estimate: u64,
     /// Bytes of text the stream generated, for the completion estimate
-    /// when its usage never comes (`usage::estimate_completion`).
+    /// when its usage never comes (`Usage::estimated`).
     text_bytes: u64,
     usage_estimated: bool,
     trace: Option<Trace>,
@@ -136,12 +136,10 @@ impl RequestRecord {
     /// A plain answer came without `usage`: its tokens are estimated, the
     /// prompt from the request body, the completion from the answer's text.
     pub fn estimate_usage(&mut self, request: &[u8], answer: &[u8]) {
-        self.usage = Some(Usage {
-            prompt: crate::ratelimit::estimate_prompt_tokens(request),
-            completion: usage::estimate_completion(usage::generated_text_bytes(answer)),
-            cached_prompt: 0,
-            reasoning: 0,
-        });
+        self.usage = Some(Usage::estimated(
+            crate::ratelimit::estimate_prompt_tokens(request),
+            usage::generated_text_bytes(answer),
+        ));
         self.usage_estimated = true;
     }
 
@@ -293,12 +291,7 @@ impl RequestRecord {
         if self.usage.is_none() && self.stream && self.ttft.is_some() {
             // A stream cut before its usage chunk, or from an upstream that
             // ignores `stream_options.include_usage`: estimate from what was seen.
-            self.usage = Some(Usage {
-                prompt: self.prompt_estimate,
-                completion: usage::estimate_completion(self.text_bytes),
-                cached_prompt: 0,
-                reasoning: 0,
-            });
+            self.usage = Some(Usage::estimated(self.prompt_estimate, self.text_bytes));
             self.usage_estimated = true;
         }
         if let Some(admission) = self.admission.take() {
