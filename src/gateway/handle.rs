@@ -6,10 +6,10 @@
 //!    and the stream counted while reading (chunked bodies);
 //! 3. parse once (`request::parse`): `model`, `stream`, `messages`;
 //! 4. route: the model's first available target by priority and weight;
-//! 5. the upstream stack (`layers`): retries, failover, hedging, breakers and
+//! 5. the upstream stack (`stack`): retries, failover, hedging, breakers and
 //!    concurrency limits around each attempt, under one deadline;
 //! 6. the reply: a buffered body, or a stream forwarded event by event
-//!    (`streaming::forward`) under the idle and total deadlines.
+//!    (`gateway::stream::forward`) under the idle and total deadlines.
 //!
 //! The `RequestRecord` follows the request to its end (into the stream body
 //! for streams) and records metrics and the access log exactly once.
@@ -287,7 +287,7 @@ async fn run(
 /// `server.request_body_timeout` between two pieces of it. Written here
 /// rather than tower-http's `TimeoutBody`, which arms its timer before it
 /// polls the body, i.e. on every request; a body already in hyper's buffer,
-/// the usual case, never waits and never needs one (`server::Stall`).
+/// the usual case, never waits and never needs one (`net::Stall`).
 struct PausedBody<B> {
     body: B,
     stall: crate::net::Stall,
