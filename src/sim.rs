@@ -81,6 +81,14 @@ pub struct Faults {
     pub omit_usage: bool,
     /// How every line of a stream ends.
     pub line_ending: LineEnding,
+    /// Reasoning deltas (`reasoning_content`) before the content, and a
+    /// `reasoning_content` in plain answers, as DeepSeek's reasoner sends.
+    pub reasoning_chunks: usize,
+    /// End with a tool call (`get_weather`), its arguments streamed in two
+    /// deltas; the finish reason becomes `tool_calls`.
+    pub tool_call: bool,
+    /// The last chunk's `finish_reason` (default `stop`), e.g. `length`.
+    pub finish_reason: Option<String>,
 }
 
 /// The line end of an SSE body: the spec allows all three.
@@ -126,11 +134,23 @@ impl Default for Faults {
             ignore_include_usage: false,
             omit_usage: false,
             line_ending: LineEnding::Lf,
+            reasoning_chunks: 0,
+            tool_call: false,
+            finish_reason: None,
         }
     }
 }
 
 impl Faults {
+    /// `finish_reason` of the answer's end.
+    fn final_reason(&self) -> &str {
+        match &self.finish_reason {
+            Some(reason) => reason,
+            None if self.tool_call => "tool_calls",
+            None => "stop",
+        }
+    }
+
     /// Events are written other than as compact JSON on one LF line. Off,
     /// the common case, they take the plain `format!` path.
     fn shapes_events(&self) -> bool {
@@ -473,9 +493,19 @@ async fn chat(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         "object": "chat.completion",
         "created": now(),
         "model": model,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": "stop" }],
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": faults.final_reason() }],
         "system_fingerprint": "fp_relaygate_sim",
     });
+    if faults.reasoning_chunks > 0 {
+        let thoughts: String = (0..faults.reasoning_chunks).map(|i| format!("step {i}, ")).collect();
+        body["choices"][0]["message"]["reasoning_content"] = json!(thoughts);
+    }
+    if faults.tool_call {
+        body["choices"][0]["message"]["tool_calls"] = json!([{
+            "id": "call_sim_0", "type": "function",
+            "function": { "name": "get_weather", "arguments": "{\"city\":\"Paris\"}" },
+        }]);
+    }
     if !faults.omit_usage {
         body["usage"] = usage(&request, faults.chunks, &faults);
     }
@@ -537,11 +567,28 @@ fn stream(
         None,
         event(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null)),
     ));
+    for i in 0..faults.reasoning_chunks {
+        let thought = json!({ "reasoning_content": format!("step {i}, ") });
+        events.push((None, event(&chunk(thought, Value::Null))));
+    }
     for i in 0..faults.chunks {
         let word = WORDS[i % WORDS.len()];
         events.push((Some(i + 1), event(&chunk(json!({ "content": word }), Value::Null))));
     }
-    events.push((None, event(&chunk(json!({}), json!("stop")))));
+    if faults.tool_call {
+        let call = |first: bool, args: &str| {
+            let mut call = json!({ "index": 0, "function": { "arguments": args } });
+            if first {
+                call["id"] = json!("call_sim_0");
+                call["type"] = json!("function");
+                call["function"]["name"] = json!("get_weather");
+            }
+            json!({ "tool_calls": [call] })
+        };
+        events.push((None, event(&chunk(call(true, "{\"city\":"), Value::Null))));
+        events.push((None, event(&chunk(call(false, "\"Paris\"}"), Value::Null))));
+    }
+    events.push((None, event(&chunk(json!({}), json!(faults.final_reason())))));
     if include_usage && !faults.ignore_include_usage {
         let u = json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
