@@ -100,6 +100,69 @@ struct RawConfig {
     otel: Option<RawOtel>,
     #[serde(default)]
     health: RawHealth,
+    cache: Option<RawCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default = "d_cache_backend")]
+    backend: String,
+    redis_url: Option<SecretString>,
+    #[serde(default = "d_cache_max_bytes")]
+    max_bytes: u64,
+    #[serde(default = "d_cache_max_entry_bytes")]
+    max_entry_bytes: u64,
+    #[serde(default = "d_cache_ttl", deserialize_with = "duration")]
+    ttl: Duration,
+    #[serde(default = "d_cache_scope")]
+    scope: String,
+    #[serde(default, deserialize_with = "opt_duration")]
+    redis_timeout: Option<Duration>,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            backend: d_cache_backend(),
+            redis_url: None,
+            max_bytes: d_cache_max_bytes(),
+            max_entry_bytes: d_cache_max_entry_bytes(),
+            ttl: d_cache_ttl(),
+            scope: d_cache_scope(),
+            redis_timeout: None,
+        }
+    }
+}
+
+fn d_cache_backend() -> String {
+    "memory".into()
+}
+fn d_cache_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn d_cache_max_entry_bytes() -> u64 {
+    1024 * 1024
+}
+fn d_cache_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_cache_scope() -> String {
+    "key".into()
+}
+
+/// A model's `cache = { ttl = "10m", when = "deterministic" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelCache {
+    #[serde(default, deserialize_with = "opt_duration")]
+    ttl: Option<Duration>,
+    #[serde(default = "d_cache_when")]
+    when: String,
+}
+
+fn d_cache_when() -> String {
+    "deterministic".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,6 +353,7 @@ struct RawModel {
     price: Option<Price>,
     hedge_after: Option<String>,
     shadow: Option<RawShadow>,
+    cache: Option<RawModelCache>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,6 +426,56 @@ pub struct Config {
     pub ledger: Option<LedgerConfig>,
     pub otel: Option<OtelConfig>,
     pub health: HealthConfig,
+    /// `[cache]`: set when the section is there or a model opts in (then
+    /// with its defaults: memory, 256 MiB).
+    pub cache: Option<CacheConfig>,
+}
+
+/// `[cache]`: the response cache's store. Which models use it, and for how
+/// long, is per model (`ModelConfig::cache`).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub backend: CacheBackend,
+    /// An answer larger than this is not stored.
+    pub max_entry_bytes: usize,
+    /// The default entry lifetime (a model's own `ttl` wins).
+    pub ttl: Duration,
+    pub scope: CacheScope,
+}
+
+#[derive(Debug, Clone)]
+pub enum CacheBackend {
+    /// In this process, bounded by the total weight of its entries.
+    Memory { max_bytes: u64 },
+    /// Shared by every replica, under `{key_prefix}:cache:…`.
+    Redis {
+        url: SecretString,
+        /// Bound on every cache call to Redis; past it the cache is bypassed.
+        timeout: Duration,
+        key_prefix: String,
+    },
+}
+
+/// Who shares an entry: only requests with the same client key name, or
+/// every client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope {
+    Key,
+    Global,
+}
+
+/// A model's opt-in to the response cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelCache {
+    pub ttl: Duration,
+    pub when: CacheWhen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheWhen {
+    /// Requests with `temperature` 0 or a `seed` (embeddings always).
+    Deterministic,
+    Always,
 }
 
 /// `[ledger]`: one JSON line per finished request.
@@ -517,6 +631,8 @@ pub struct ModelConfig {
     pub price: Option<Price>,
     pub hedge: Option<Hedge>,
     pub shadow: Option<ShadowConfig>,
+    /// Off (`None`) unless the model opts in.
+    pub cache: Option<ModelCache>,
 }
 
 /// A model's shadow: a share of its requests mirrored, in the background, to

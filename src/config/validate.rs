@@ -135,6 +135,7 @@ impl RawConfig {
             return Err(ConfigError::at("models", "at least one [[models]] entry is required"));
         }
         let mut models = Vec::with_capacity(self.models.len());
+        let mut model_caches = Vec::with_capacity(self.models.len());
         let mut seen = HashSet::new();
         for (i, m) in self.models.into_iter().enumerate() {
             let at = |key: &str| format!("models[{i}].{key}");
@@ -227,12 +228,34 @@ impl RawConfig {
                     })
                 }
             };
+            let cache = match m.cache {
+                None => None,
+                Some(c) => {
+                    let when = match c.when.as_str() {
+                        "deterministic" => CacheWhen::Deterministic,
+                        "always" => CacheWhen::Always,
+                        other => {
+                            return Err(ConfigError::at(
+                                &at("cache.when"),
+                                format!("unknown value {other:?} (expected \"deterministic\" or \"always\")"),
+                            ))
+                        }
+                    };
+                    if c.ttl.is_some_and(|t| t.is_zero()) {
+                        return Err(ConfigError::at(&at("cache.ttl"), "must be greater than 0"));
+                    }
+                    // The section's ttl is filled in below, once it is read.
+                    Some((c.ttl, when))
+                }
+            };
+            model_caches.push(cache);
             models.push(ModelConfig {
                 name: m.name,
                 targets,
                 price: m.price,
                 hedge,
                 shadow,
+                cache: None,
             });
         }
 
@@ -314,7 +337,17 @@ impl RawConfig {
             unhealthy_below: h.unhealthy_below,
         };
 
+        let cache = validate_cache(self.cache, model_caches.iter().any(Option::is_some), &rate_limit)?;
+        if let Some(c) = &cache {
+            for (m, opt_in) in models.iter_mut().zip(model_caches) {
+                m.cache = opt_in.map(|(ttl, when)| ModelCache {
+                    ttl: ttl.unwrap_or(c.ttl),
+                    when,
+                });
+            }
+        }
         Ok(Config {
+            cache,
             server,
             admin_key,
             upstreams,
@@ -328,6 +361,89 @@ impl RawConfig {
             health,
         })
     }
+}
+
+/// `[cache]`, or its defaults when only models opt in.
+fn validate_cache(
+    raw: Option<RawCache>,
+    models_opt_in: bool,
+    rate_limit: &crate::ratelimit::RateLimitSettings,
+) -> Result<Option<CacheConfig>, ConfigError> {
+    let raw = match raw {
+        Some(raw) => raw,
+        None if models_opt_in => RawCache::default(),
+        None => return Ok(None),
+    };
+    let backend = match raw.backend.as_str() {
+        "memory" => {
+            if raw.redis_url.is_some() {
+                return Err(ConfigError::at(
+                    "cache.redis_url",
+                    "set, but backend is \"memory\" (set backend = \"redis\" or remove it)",
+                ));
+            }
+            if raw.max_bytes == 0 {
+                return Err(ConfigError::at("cache.max_bytes", "must be greater than 0"));
+            }
+            CacheBackend::Memory {
+                max_bytes: raw.max_bytes,
+            }
+        }
+        "redis" => {
+            let url = match (raw.redis_url, &rate_limit.backend) {
+                (Some(url), _) => url,
+                (None, crate::ratelimit::Backend::Redis { url }) => url.clone(),
+                (None, crate::ratelimit::Backend::Local) => {
+                    return Err(ConfigError::at(
+                        "cache.redis_url",
+                        "required with backend = \"redis\" (or set [rate_limit] redis_url to share it)",
+                    ))
+                }
+            };
+            if redis::Client::open(url.expose_secret()).is_err() {
+                return Err(ConfigError::at(
+                    "cache.redis_url",
+                    "not a valid Redis URL (expected redis://host:port, rediss://host:port or redis+unix:///path)",
+                ));
+            }
+            CacheBackend::Redis {
+                url,
+                timeout: raw.redis_timeout.unwrap_or(rate_limit.redis_timeout),
+                key_prefix: rate_limit.key_prefix.clone(),
+            }
+        }
+        other => {
+            return Err(ConfigError::at(
+                "cache.backend",
+                format!("unknown backend {other:?} (expected memory or redis)"),
+            ))
+        }
+    };
+    if raw.redis_timeout.is_some_and(|t| t.is_zero()) {
+        return Err(ConfigError::at("cache.redis_timeout", "must be greater than 0"));
+    }
+    if raw.ttl.is_zero() {
+        return Err(ConfigError::at("cache.ttl", "must be greater than 0"));
+    }
+    if raw.max_entry_bytes == 0 {
+        return Err(ConfigError::at("cache.max_entry_bytes", "must be greater than 0"));
+    }
+    let scope = match raw.scope.as_str() {
+        "key" => CacheScope::Key,
+        "global" => CacheScope::Global,
+        other => {
+            return Err(ConfigError::at(
+                "cache.scope",
+                format!("unknown scope {other:?} (expected key or global)"),
+            ))
+        }
+    };
+    Ok(Some(CacheConfig {
+        backend,
+        max_entry_bytes: usize::try_from(raw.max_entry_bytes).unwrap_or(usize::MAX),
+        ttl: raw.ttl,
+        scope,
+    }))
 }
 
 fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {

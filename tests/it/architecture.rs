@@ -23,6 +23,7 @@ const TIERS: &[(&str, &str)] = &[
     ("request", "the request body, parsed once"),
     ("usage", "token usage and cost"),
     ("sse", "the SSE reader"),
+    ("cache", "the response cache: key, entries, backends, single flight"),
     ("sim", "the simulated upstream"),
     ("upstream", "one upstream: pool, breaker, one attempt"),
     ("stack", "the tower layers around each attempt"),
