@@ -21,7 +21,7 @@ use relaygate::config::BreakerConfig;
 use relaygate::ratelimit::{self, Limiter, RawRule};
 use relaygate::request::{self, Endpoint};
 use relaygate::sse::{self, BodyError, SseReader};
-use relaygate::telemetry::metrics::{ErrorType, Metrics, ModelMetrics, Outcome, UpstreamMetrics};
+use relaygate::telemetry::metrics::{AnsweredBy, ErrorType, Metrics, ModelMetrics, Outcome, UpstreamMetrics};
 use relaygate::upstream::breaker::Breaker;
 use relaygate::usage;
 
@@ -224,7 +224,7 @@ fn metrics(c: &mut Criterion) {
         b.iter(|| {
             m.in_flight.inc();
             m.requests
-                .with_label_values(&[black_box(model), "200", Outcome::Success.as_str()])
+                .with_label_values(&[black_box(model), upstream, "200", Outcome::Success.as_str()])
                 .inc();
             m.request_duration
                 .with_label_values(&[black_box(model)])
@@ -252,7 +252,9 @@ fn metrics(c: &mut Criterion) {
     g.bench_function("record_request/resolved_handles", |b| {
         b.iter(|| {
             m.in_flight.inc();
-            model_metrics.request(black_box(200), Outcome::Success).inc();
+            model_metrics
+                .request(black_box(200), Outcome::Success, AnsweredBy::Upstream(black_box(0)))
+                .inc();
             model_metrics.duration.observe(black_box(0.0042));
             upstream_metrics.attempt(black_box(Some(200)), ErrorType::None, started);
             let at = model_metrics.at(black_box(0)).expect("a target");

@@ -8,8 +8,10 @@
 //! - `POST /admin/upstreams/{name}/open`   drain an upstream by hand (open until reset)
 //! - `POST /admin/reload`                  re-read the config file (like SIGHUP)
 //! - `GET  /admin/shadow`                  primary vs shadow comparison per shadowed model
+//! - `GET  /admin/cache`                   response cache: entries, bytes and hit ratio per model
+//! - `DELETE /admin/cache[?model=NAME]`    purge the response cache, or one model's entries
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -30,6 +32,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/upstreams/{name}/open", post(open))
         .route("/admin/reload", post(reload))
         .route("/admin/shadow", get(shadow))
+        .route("/admin/cache", get(cache_stats).delete(cache_purge))
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -129,5 +132,84 @@ async fn reload(State(state): State<AppState>) -> Response {
     match state.reload() {
         Ok(()) => Json(json!({ "result": "success" })).into_response(),
         Err(e) => admin_error(StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", &e),
+    }
+}
+
+fn cache_off() -> Response {
+    admin_error(
+        StatusCode::NOT_FOUND,
+        "cache_not_configured",
+        "The response cache is off: no [cache] section and no model with `cache`.",
+    )
+}
+
+/// Entries and bytes per model as the backend holds them, and each
+/// model's lookups since start.
+async fn cache_stats(State(state): State<AppState>) -> Response {
+    use crate::cache::CacheResult::{Hit, Miss};
+    let Some(cache) = state.cache() else {
+        return cache_off();
+    };
+    let stored = match cache.per_model().await {
+        Ok(stored) => stored,
+        Err(e) => return admin_error(StatusCode::SERVICE_UNAVAILABLE, "cache_backend_unavailable", &e),
+    };
+    let runtime = state.runtime();
+    let mut names: Vec<String> = runtime
+        .models
+        .iter()
+        .filter(|m| m.config.cache.is_some())
+        .map(|m| m.config.name.clone())
+        .collect();
+    // Entries of models no longer configured (or no longer cached) too.
+    for (model, _, _) in &stored {
+        if !names.contains(model) {
+            names.push(model.clone());
+        }
+    }
+    let models: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            let (entries, bytes) = stored
+                .iter()
+                .find(|(m, _, _)| m == name)
+                .map_or((0, 0), |(_, n, b)| (*n, *b));
+            let (hits, misses) = (cache.metrics.get(name, Hit), cache.metrics.get(name, Miss));
+            let lookups = hits + misses;
+            json!({
+                "model": name,
+                "entries": entries,
+                "bytes": bytes,
+                "hits": hits,
+                "misses": misses,
+                "hit_ratio": if lookups == 0 { Value::Null } else { json!(hits as f64 / lookups as f64) },
+            })
+        })
+        .collect();
+    Json(json!({
+        "backend": cache.backend_name(),
+        "flights_in_progress": cache.flights_in_progress(),
+        "models": models,
+    }))
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct PurgeQuery {
+    model: Option<String>,
+}
+
+async fn cache_purge(State(state): State<AppState>, Query(q): Query<PurgeQuery>) -> Response {
+    let Some(cache) = state.cache() else {
+        return cache_off();
+    };
+    let model = q.model.as_deref().map(crate::error::clip);
+    match cache.purge(q.model.as_deref()).await {
+        Ok(removed) => {
+            let model = model.as_deref().unwrap_or("*");
+            tracing::info!(model, removed, "admin: response cache purged");
+            Json(json!({ "purged": model, "entries_removed": removed })).into_response()
+        }
+        Err(e) => admin_error(StatusCode::SERVICE_UNAVAILABLE, "cache_backend_unavailable", &e),
     }
 }

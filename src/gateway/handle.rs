@@ -6,6 +6,9 @@
 //!    and the stream counted while reading (chunked bodies);
 //! 3. parse once (`request::parse`): `model`, `stream`, `messages`;
 //! 4. route: the model's first available target by priority and weight;
+//!    the response cache (`cache`), for a model that uses it: a hit answers
+//!    here, a plain miss may wait for an identical request in flight;
+//!    then the key, model and global rate limits;
 //! 5. the upstream stack (`stack`): retries, failover, hedging, breakers and
 //!    concurrency limits around each attempt, under one deadline;
 //! 6. the reply: a buffered body, or a stream forwarded event by event
@@ -28,6 +31,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use tower_http::request_id::RequestId;
 
+use crate::cache::{self, Cache, Capture, Entry};
 use crate::error::{clip, GatewayError};
 use crate::gateway::record::RequestRecord;
 use crate::gateway::state::{AppState, Runtime};
@@ -39,6 +43,8 @@ use crate::upstream::{forwardable_headers, Reply};
 
 /// Names the upstream that answered, for debugging through a chain of proxies.
 static UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-relaygate-upstream");
+/// The response cache's part in the answer: hit, miss, bypass or refresh.
+static CACHE_HEADER: HeaderName = HeaderName::from_static("x-relaygate-cache");
 
 pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
@@ -54,6 +60,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
     };
     record.hold(Some(slot));
     let result = run(&runtime, &state, endpoint, req, &mut record, started).await;
+    let cache_header = record.cache_result().map(|r| HeaderValue::from_static(r.as_str()));
     // Everything up to here that was not spent waiting on the upstream is
     // relaygate's own time (for streams: up to the first event).
     state
@@ -73,6 +80,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             headers
                 .entry(header::CONTENT_TYPE)
                 .or_insert(HeaderValue::from_static("application/octet-stream"));
+            headers.extend(cache_header.map(|v| (CACHE_HEADER.clone(), v)));
             // The upstream's header map becomes the response's: no copy.
             let mut response = Response::new(axum::body::Body::from(body));
             *response.status_mut() = status;
@@ -88,10 +96,12 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             deadline,
             strip_usage,
             upstream,
+            capture,
         }) => {
             record.write_rate_limit_headers(&mut headers);
-            let body = super::stream::forward(reader, first, idle, deadline, strip_usage, record);
+            let body = super::stream::forward(reader, first, idle, deadline, strip_usage, record, capture.map(|c| *c));
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
+            headers.extend(cache_header.map(|v| (CACHE_HEADER.clone(), v)));
             let mut response = Response::new(body);
             *response.status_mut() = status;
             *response.headers_mut() = headers;
@@ -99,7 +109,11 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
         }
         Err(error) => {
             record.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
-            error.into_response()
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .extend(cache_header.map(|v| (CACHE_HEADER.clone(), v)));
+            response
         }
     }
 }
@@ -120,6 +134,7 @@ enum Proxied {
         deadline: Instant,
         strip_usage: bool,
         upstream: HeaderValue,
+        capture: Option<Box<Capture>>,
     },
 }
 
@@ -171,10 +186,56 @@ async fn run(
         .ok_or_else(|| GatewayError::ModelNotFound(clip(&parsed.model)))?;
     let route = &model.route;
     record.set_model(model.metrics.clone(), model.config.price, parsed.stream);
+    // One deadline for the whole request: the first target's request_timeout.
+    let deadline = started + route.targets[0].upstream.config.request_timeout;
+
+    let limiter = state.limiter();
+    let mut plan = None;
+    if let (Some(cache), Some(policy)) = (state.cache(), &model.config.cache) {
+        let targets: Vec<(&str, &str)> = route
+            .targets
+            .iter()
+            .map(|t| (&*t.upstream.name, t.model.as_str()))
+            .collect();
+        let mut p = cache.plan(&cache::Request {
+            policy,
+            client: &key,
+            endpoint: endpoint.upstream_path(),
+            model: &route.label,
+            targets: &targets,
+            stream: parsed.stream,
+            embeddings: endpoint == Endpoint::Embeddings,
+            headers: &parts.headers,
+            body: &body,
+        });
+        let found = cache.lookup(&mut p, parsed.stream, deadline).await;
+        record.set_cache(p.result);
+        match found {
+            Ok(None) => plan = Some((cache.clone(), p)),
+            Ok(Some(entry)) => {
+                if limiter.has_rules() {
+                    record.set_admission(limiter.admit_cache_hit(&key).await?);
+                }
+                return Ok(serve_hit(
+                    cache,
+                    &entry,
+                    &parsed,
+                    model.config.price,
+                    &route.label,
+                    record,
+                ));
+            }
+            Err(()) => {
+                return Err(GatewayError::UpstreamTimeout {
+                    upstream: route.targets[0].upstream.name.to_string(),
+                    kind: crate::error::TimeoutKind::Request,
+                })
+            }
+        }
+    }
 
     // Key, model and global rate limits, once per request (queue rules may
     // wait here, bounded; a client that leaves drops out of the queue).
-    let limiter = state.limiter();
     let estimated_tokens = if limiter.has_rules() {
         let default_max_tokens = match endpoint {
             Endpoint::Embeddings => 0,
@@ -209,8 +270,6 @@ async fn run(
         record.compare(mirrored && parsed.temperature_zero);
     }
 
-    // One deadline for the whole request: the first target's request_timeout.
-    let deadline = started + route.targets[0].upstream.config.request_timeout;
     let ctx = Arc::new(CallContext {
         route: route.clone(),
         endpoint,
@@ -255,6 +314,11 @@ async fn run(
                 usage => record.set_usage(usage),
             }
             record.set_answer(&body);
+            if let Some((cache, mut plan)) = plan {
+                let entry = (status.is_success() && !cache::upstream_forbids(&headers))
+                    .then(|| cache::plain_entry(status.as_u16(), content_type(&headers), body.clone(), usage));
+                cache.store(&mut plan, entry);
+            }
             Ok(Proxied::Full {
                 status,
                 headers,
@@ -269,6 +333,12 @@ async fn run(
             reader,
         } => {
             record.commit_stream(answer.ticket, answer.started);
+            let capture = plan.and_then(|(cache, plan)| {
+                if !status.is_success() || cache::upstream_forbids(&headers) {
+                    return None; // the plan, dropped, counts not_stored
+                }
+                Capture::new(cache, plan, status.as_u16(), content_type(&headers)).map(Box::new)
+            });
             Ok(Proxied::Stream {
                 status,
                 headers,
@@ -278,9 +348,53 @@ async fn run(
                 deadline,
                 strip_usage: ctx.parsed.inject_usage,
                 upstream: upstream_label,
+                capture,
             })
         }
     }
+}
+
+/// A cache hit: the stored answer, a stream's usage chunk stripped unless
+/// the client asked for usage (as on a miss). No upstream, no tokens bought.
+fn serve_hit(
+    cache: &Cache,
+    entry: &Entry,
+    parsed: &request::ParsedRequest,
+    price: Option<crate::config::Price>,
+    model: &str,
+    record: &mut RequestRecord,
+) -> Proxied {
+    let usage = entry.usage.unwrap_or_default();
+    let saved = price.map_or(0.0, |p| usage.cost(&p));
+    cache.metrics.served(model, &usage, saved);
+    record.served_from_cache(saved);
+    let body = if entry.stream && parsed.inject_usage {
+        crate::sse::strip_usage_only(entry.body.clone())
+    } else {
+        entry.body.clone()
+    };
+    let mut headers = http::HeaderMap::new();
+    if let Some(ct) = entry
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+    {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+    Proxied::Full {
+        status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
+        headers,
+        body,
+        upstream: HeaderValue::from_static("cache"),
+    }
+}
+
+fn content_type(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// The client's request body, failing when the client pauses longer than

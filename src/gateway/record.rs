@@ -11,6 +11,7 @@ use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::cache::CacheResult;
 use crate::config::Price;
 use crate::error::GatewayError;
 use crate::outcome::{ErrorType, Outcome};
@@ -69,6 +70,10 @@ pub struct RequestRecord {
     saw_done: bool,
     last_batch: Option<Instant>,
     finished: bool,
+    /// The response cache's result, for a model that uses it.
+    cache: Option<CacheResult>,
+    /// A hit: the price of the usage it replayed.
+    saved_usd: f64,
 }
 
 impl RequestRecord {
@@ -102,6 +107,8 @@ impl RequestRecord {
             saw_done: false,
             last_batch: None,
             finished: false,
+            cache: None,
+            saved_usd: 0.0,
         }
     }
 
@@ -221,6 +228,27 @@ impl RequestRecord {
         self.first_token();
     }
 
+    /// The response cache's lookup result (`x-relaygate-cache`).
+    pub fn set_cache(&mut self, result: CacheResult) {
+        self.cache = Some(result);
+    }
+
+    pub fn cache_result(&self) -> Option<CacheResult> {
+        self.cache
+    }
+
+    /// Answered from the cache: no upstream, no tokens bought; `saved_usd`
+    /// is what the replayed usage would have cost.
+    pub fn served_from_cache(&mut self, saved_usd: f64) {
+        self.cache = Some(CacheResult::Hit);
+        self.saved_usd = saved_usd;
+    }
+
+    /// The usage the upstream sent so far (never an estimate).
+    pub fn upstream_usage(&self) -> Option<Usage> {
+        self.usage.filter(|_| !self.usage_estimated)
+    }
+
     pub fn set_usage(&mut self, usage: Option<Usage>) {
         if usage.is_some() {
             self.usage = usage;
@@ -332,6 +360,8 @@ impl RequestRecord {
             compared: self.compared,
             content_hash,
             trace,
+            cache: self.cache.map(CacheResult::as_str),
+            saved_usd: self.saved_usd,
         });
     }
 }

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::cache::Cache;
 use crate::config::{Config, ModelConfig, UpstreamConfig};
 use crate::gateway::auth::ClientKeys;
 use crate::outcome::Outcome;
@@ -20,7 +21,7 @@ use crate::shadow::Shadow;
 use crate::stack::Route;
 use crate::telemetry::comparison::Comparison;
 use crate::telemetry::ledger::Ledger;
-use crate::telemetry::metrics::{Metrics, ModelMetrics};
+use crate::telemetry::metrics::{AnsweredBy, Metrics, ModelMetrics};
 use crate::telemetry::otel::Exporter;
 use crate::telemetry::window::Window;
 use crate::telemetry::Sinks;
@@ -79,6 +80,8 @@ impl UpstreamRegistry {
 pub enum BuildError {
     #[error("rate limiting: {0}")]
     RateLimit(String),
+    #[error("response cache: {0}")]
+    Cache(String),
     #[error("cannot open the usage ledger: {0}")]
     Ledger(std::io::Error),
     #[error("cannot build the HTTP client for upstream '{upstream}': {source}")]
@@ -174,6 +177,9 @@ struct Shared {
     config_path: OnceLock<PathBuf>,
     /// Built once: its buckets (and its Redis connection) outlive reloads.
     limiter: Limiter,
+    /// The response cache's store, built once like the limiter: `[cache]`
+    /// applies at start; which models use it follows reloads.
+    cache: Option<Arc<Cache>>,
 }
 
 impl AppState {
@@ -191,6 +197,10 @@ impl AppState {
 
     pub fn limiter(&self) -> &Limiter {
         &self.inner.limiter
+    }
+
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.inner.cache.as_ref()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -224,7 +234,10 @@ impl AppState {
                 if rule_names(&runtime.config) != rule_names(&inner.runtime.load().config) {
                     tracing::warn!("rate limit rules changed: they apply at the next start, not on reload");
                 }
-                preregister(&inner.metrics, &runtime);
+                if runtime.config.cache.is_some() && inner.cache.is_none() {
+                    tracing::warn!("[cache] added: it applies at the next start, not on reload");
+                }
+                preregister(&inner.metrics, inner.cache.as_deref(), &runtime);
                 inner.runtime.store(Arc::new(runtime));
                 inner.metrics.config_reloads.with_label_values(&["success"]).inc();
                 tracing::info!(path = %path.display(), "config reloaded");
@@ -293,10 +306,14 @@ impl AppState {
             otel,
             comparison: Comparison::default(),
         });
+        let cache = match &config.cache {
+            None => None,
+            Some(c) => Some(Cache::new(c, metrics.registry()).map_err(BuildError::Cache)?),
+        };
         let upstreams = UpstreamRegistry::default();
         let runtime = Runtime::new(config, &upstreams, &metrics)?;
         let in_flight = Arc::new(Semaphore::new(runtime.config.server.max_in_flight));
-        preregister(&metrics, &runtime);
+        preregister(&metrics, cache.as_deref(), &runtime);
         if !runtime.keys.enabled() {
             tracing::warn!(
                 "no [[keys]] configured: client authentication is OFF and any client can use the upstream keys"
@@ -313,6 +330,7 @@ impl AppState {
                 started: Instant::now(),
                 config_path: OnceLock::new(),
                 limiter,
+                cache,
             }),
         })
     }
@@ -327,7 +345,12 @@ impl AppState {
 /// dashboards and `rate()` see zeros rather than gaps before first use.
 /// Series with a handle resolved at config load (failovers, hedges,
 /// retries, per-model latency, tokens and cost, shadows) exist already.
-fn preregister(metrics: &Metrics, runtime: &Runtime) {
+fn preregister(metrics: &Metrics, cache: Option<&Cache>, runtime: &Runtime) {
+    if let Some(cache) = cache {
+        for m in runtime.models.iter().filter(|m| m.config.cache.is_some()) {
+            cache.metrics.preregister(&m.config.name);
+        }
+    }
     for u in &runtime.upstreams {
         metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
         for (from, to) in [
@@ -340,7 +363,8 @@ fn preregister(metrics: &Metrics, runtime: &Runtime) {
         }
     }
     for m in &runtime.models {
-        m.metrics.request(200, Outcome::Success);
+        let first = AnsweredBy::Upstream(m.route.targets[0].upstream.index);
+        m.metrics.request(200, Outcome::Success, first);
     }
     metrics.preregister(runtime.models.iter().map(|m| {
         let upstreams = m.route.targets.iter().map(|t| &*t.upstream.name).collect();

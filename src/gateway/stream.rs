@@ -9,6 +9,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::cache::Capture;
 use crate::error::{GatewayError, TimeoutKind};
 use crate::gateway::record::RequestRecord;
 use crate::sse::{strip_usage_only, ReadError, SseReader};
@@ -24,9 +25,12 @@ pub fn forward(
     deadline: Instant,
     strip_usage: bool,
     record: RequestRecord,
+    capture: Option<Capture>,
 ) -> Body {
     struct State {
         reader: SseReader,
+        /// The response cache's copy of the stream, stored at a clean end.
+        capture: Option<Capture>,
         pending: Option<Bytes>,
         idle: Duration,
         deadline: Instant,
@@ -38,6 +42,7 @@ pub fn forward(
     // and the state (the request record above all) is several hundred bytes.
     let state = Box::new(State {
         reader,
+        capture,
         pending: Some(first),
         idle,
         deadline,
@@ -60,6 +65,9 @@ pub fn forward(
             let error = match next {
                 Ok(Ok(Some(batch))) => {
                     record.on_stream_batch(&batch);
+                    if let Some(capture) = st.capture.as_mut() {
+                        capture.push(&batch);
+                    }
                     let batch = if st.strip_usage { strip_usage_only(batch) } else { batch };
                     if batch.is_empty() {
                         continue; // it held only the injected usage chunk
@@ -67,6 +75,9 @@ pub fn forward(
                     return Some((Ok::<_, Infallible>(batch), st));
                 }
                 Ok(Ok(None)) if record.saw_done() => {
+                    if let Some(capture) = st.capture.take() {
+                        capture.finish(record.upstream_usage());
+                    }
                     st.record.take()?.finish_stream(None);
                     return None;
                 }

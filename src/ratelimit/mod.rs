@@ -303,6 +303,18 @@ impl Limiter {
         self.admit(candidates, estimated_tokens).await
     }
 
+    /// A request answered from the response cache: it is a client request,
+    /// so key- and global-scope rules count it, but it buys no tokens and
+    /// reaches no model or upstream.
+    pub async fn admit_cache_hit(&self, key: &str) -> Result<Admission, Rejection> {
+        let candidates = self.candidates(|scope| match scope {
+            Scope::Key => Some(key),
+            Scope::Global => Some("*"),
+            Scope::Model | Scope::Upstream => None,
+        });
+        self.admit(candidates, 0).await
+    }
+
     /// The attempt-phase rules (scope upstream) for the chosen upstream.
     pub async fn admit_upstream(&self, upstream: &str, estimated_tokens: u64) -> Result<Admission, Rejection> {
         let candidates = self.candidates(|scope| (scope == Scope::Upstream).then_some(upstream));

@@ -171,6 +171,8 @@ async fn run(m: &Mirror) {
         usage_estimated: false,
         shadow: true,
         content_hash: hash,
+        cache: None,
+        saved_usd: None,
     };
     m.sinks.comparison.add(&line);
     if let Some(ledger) = &m.sinks.ledger {

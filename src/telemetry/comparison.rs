@@ -269,6 +269,8 @@ mod tests {
             usage_estimated: false,
             shadow,
             content_hash: hash.map(str::to_owned),
+            cache: None,
+            saved_usd: None,
         }
     }
 

@@ -70,6 +70,14 @@ pub struct LedgerLine {
     /// a primary and its shadow (same `request_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_hash: Option<String>,
+    /// For a model with the response cache on: `hit` (answered from the
+    /// cache: no tokens bought, cost 0, `saved_usd` set), `miss`, `refresh`
+    /// or `bypass`. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// A hit: the price of the usage it replayed instead of buying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_usd: Option<f64>,
 }
 
 /// `time` as the ledger writes it: RFC 3339 UTC with milliseconds,
@@ -398,6 +406,8 @@ mod tests {
             usage_estimated: false,
             shadow: false,
             content_hash: None,
+            cache: None,
+            saved_usd: None,
         }
     }
 

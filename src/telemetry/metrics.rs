@@ -98,9 +98,10 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "relaygate_requests_total",
-                        "Requests answered, by model, HTTP status and outcome.",
+                        "Requests answered, by model, the upstream that answered (or was last tried; \
+                         `cache` for a cache hit, `none` when none was), HTTP status and outcome.",
                     ),
-                    &["model", "status", "outcome"],
+                    &["model", "upstream", "status", "outcome"],
                 ),
             ),
             request_duration: reg(
@@ -417,28 +418,29 @@ pub fn status_label(status: u16) -> &'static str {
     slot_label(status_slot(Some(status)))
 }
 
-/// A counter per (status, second label) of a family whose other labels are
+/// A counter per (status, last label) of a family whose leading labels are
 /// fixed, each resolved on first use.
 struct StatusCells<const N: usize> {
     family: IntCounterVec,
-    fixed: Arc<str>,
+    fixed: Box<[Arc<str>]>,
     cells: Box<[[OnceLock<IntCounter>; N]; STATUS_SLOTS]>,
 }
 
 impl<const N: usize> StatusCells<N> {
-    fn new(family: &IntCounterVec, fixed: &str) -> Self {
+    fn new(family: &IntCounterVec, fixed: &[&str]) -> Self {
         Self {
             family: family.clone(),
-            fixed: Arc::from(fixed),
+            fixed: fixed.iter().map(|&f| Arc::from(f)).collect(),
             cells: Box::new(std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new()))),
         }
     }
 
-    fn get(&self, status: Option<u16>, second: usize, second_label: &str) -> &IntCounter {
+    fn get(&self, status: Option<u16>, last: usize, last_label: &str) -> &IntCounter {
         let slot = status_slot(status);
-        self.cells[slot][second].get_or_init(|| {
-            self.family
-                .with_label_values(&[&*self.fixed, slot_label(slot), second_label])
+        self.cells[slot][last].get_or_init(|| {
+            let mut labels: Vec<&str> = self.fixed.iter().map(|f| &**f).collect();
+            labels.extend([slot_label(slot), last_label]);
+            self.family.with_label_values(&labels)
         })
     }
 }
@@ -468,7 +470,7 @@ pub const RETRY_REASONS: [ErrorType; 7] = [
 impl UpstreamMetrics {
     pub fn new(metrics: &Metrics, upstream: &str) -> Self {
         Self {
-            attempts: StatusCells::new(&metrics.upstream_requests, upstream),
+            attempts: StatusCells::new(&metrics.upstream_requests, &[upstream]),
             duration: metrics.upstream_duration.with_label_values(&[upstream]),
             retries: RETRY_REASONS.map(|r| metrics.retries.with_label_values(&[upstream, r.as_str()])),
             retries_family: metrics.retries.clone(),
@@ -498,17 +500,32 @@ impl UpstreamMetrics {
     }
 }
 
+/// What answered a request, for `relaygate_requests_total{upstream}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnsweredBy {
+    /// The upstream (an index) that answered, or was the last one tried.
+    Upstream(usize),
+    Cache,
+    /// No upstream was tried (refused before routing, or no target).
+    None,
+}
+
 /// One model's request metrics, and those it shares with each upstream it
 /// routes to.
 pub struct ModelMetrics {
     pub label: Arc<str>,
+    /// `relaygate_requests_total` with `upstream="none"` (no upstream was
+    /// tried) and `upstream="cache"` (a cache hit); those with an upstream
+    /// are in `ModelUpstreamMetrics`.
     requests: StatusCells<{ Outcome::COUNT }>,
+    cache_hits: StatusCells<{ Outcome::COUNT }>,
     pub duration: Histogram,
     /// By upstream index; `Some` for the model's targets.
     upstreams: Vec<Option<ModelUpstreamMetrics>>,
 }
 
 pub struct ModelUpstreamMetrics {
+    requests: StatusCells<{ Outcome::COUNT }>,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     /// In `TOKEN_TYPES` order.
@@ -526,6 +543,7 @@ impl ModelMetrics {
             .enumerate()
             .map(|(i, upstream)| {
                 targets.contains(&i).then(|| ModelUpstreamMetrics {
+                    requests: StatusCells::new(&metrics.requests, &[label, upstream]),
                     ttft: metrics.ttft.with_label_values(&[label, upstream]),
                     inter_token: metrics.inter_token.with_label_values(&[label, upstream]),
                     tokens: TOKEN_TYPES.map(|kind| metrics.tokens.with_label_values(&[label, upstream, kind])),
@@ -536,7 +554,8 @@ impl ModelMetrics {
             .collect();
         Self {
             label: Arc::from(label),
-            requests: StatusCells::new(&metrics.requests, label),
+            requests: StatusCells::new(&metrics.requests, &[label, "none"]),
+            cache_hits: StatusCells::new(&metrics.requests, &[label, "cache"]),
             duration: metrics.request_duration.with_label_values(&[label]),
             upstreams: by_upstream,
         }
@@ -547,8 +566,14 @@ impl ModelMetrics {
         Self::new(metrics, OTHER, &[], &[])
     }
 
-    pub fn request(&self, status: u16, outcome: Outcome) -> &IntCounter {
-        self.requests.get(Some(status), outcome as usize, outcome.as_str())
+    /// The request counter for an answer from `by`.
+    pub fn request(&self, status: u16, outcome: Outcome, by: AnsweredBy) -> &IntCounter {
+        let cells = match by {
+            AnsweredBy::Upstream(i) => self.at(i).map_or(&self.requests, |at| &at.requests),
+            AnsweredBy::Cache => &self.cache_hits,
+            AnsweredBy::None => &self.requests,
+        };
+        cells.get(Some(status), outcome as usize, outcome.as_str())
     }
 
     /// The metrics of this model at `upstream` (an index), if it routes there.
@@ -579,10 +604,12 @@ mod tests {
     fn renders_contract_names() {
         let m = Metrics::new();
         m.preregister([("deepseek-chat", vec!["holysheep"])].into_iter());
-        m.requests.with_label_values(&["deepseek-chat", "200", "success"]).inc();
+        m.requests
+            .with_label_values(&["deepseek-chat", "holysheep", "200", "success"])
+            .inc();
         let text = m.render();
         for name in [
-            "relaygate_requests_total{model=\"deepseek-chat\",outcome=\"success\",status=\"200\"} 1",
+            "relaygate_requests_total{model=\"deepseek-chat\",outcome=\"success\",status=\"200\",upstream=\"holysheep\"} 1",
             "relaygate_request_duration_seconds_bucket{model=\"deepseek-chat\",le=\"0.12\"} 0",
             "relaygate_in_flight_requests 0",
             "relaygate_build_info{version=\"",
@@ -597,9 +624,16 @@ mod tests {
     fn resolved_handles_record_under_the_right_labels() {
         let m = Metrics::new();
         let model = ModelMetrics::new(&m, "chat", &["a", "b", "c"], &[0, 2]);
-        model.request(503, Outcome::UpstreamError).inc();
-        model.request(503, Outcome::UpstreamError).inc();
-        model.request(418, Outcome::ClientError).inc();
+        model
+            .request(503, Outcome::UpstreamError, AnsweredBy::Upstream(2))
+            .inc();
+        model
+            .request(503, Outcome::UpstreamError, AnsweredBy::Upstream(2))
+            .inc();
+        model.request(418, Outcome::ClientError, AnsweredBy::None).inc();
+        model.request(200, Outcome::Success, AnsweredBy::Cache).inc();
+        // An index that is not a target counts as no upstream.
+        model.request(418, Outcome::ClientError, AnsweredBy::Upstream(1)).inc();
         model.at(2).expect("a target").tokens[3].inc_by(7);
         assert!(model.at(1).is_none(), "b is not a target");
         let upstream = UpstreamMetrics::new(&m, "a");
@@ -607,8 +641,9 @@ mod tests {
         upstream.attempt(Some(429), ErrorType::RateLimited, Instant::now());
         let text = m.render();
         for series in [
-            r#"relaygate_requests_total{model="chat",outcome="upstream_error",status="503"} 2"#,
-            r#"relaygate_requests_total{model="chat",outcome="client_error",status="other"} 1"#,
+            r#"relaygate_requests_total{model="chat",outcome="upstream_error",status="503",upstream="c"} 2"#,
+            r#"relaygate_requests_total{model="chat",outcome="client_error",status="other",upstream="none"} 2"#,
+            r#"relaygate_requests_total{model="chat",outcome="success",status="200",upstream="cache"} 1"#,
             r#"relaygate_tokens_total{model="chat",type="reasoning",upstream="c"} 7"#,
             r#"relaygate_upstream_requests_total{error_type="cancelled",status="none",upstream="a"} 1"#,
             r#"relaygate_upstream_requests_total{error_type="rate_limited",status="429",upstream="a"} 1"#,
@@ -616,7 +651,7 @@ mod tests {
             assert!(text.contains(series), "missing {series} in\n{text}");
         }
         // Only combinations that happened are series.
-        assert!(!text.contains(r#"status="200"}"#), "{text}");
+        assert!(!text.contains(r#"status="200",upstream="c"}"#), "{text}");
         // Every code is its own label or `other`, and the listed ones are themselves.
         for code in 100..600 {
             let label = status_label(code);

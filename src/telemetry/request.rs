@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::access_log::AccessLine;
 use super::ledger::LedgerLine;
-use super::metrics::ModelMetrics;
+use super::metrics::{AnsweredBy, ModelMetrics};
 use super::otel::{AttemptSpan, RequestSpan, TraceContext};
 use super::window::{Sample, Window};
 use super::Sinks;
@@ -63,6 +63,17 @@ pub struct Finished<'a> {
     /// A fingerprint of the answer's text, for the comparison.
     pub content_hash: Option<String>,
     pub trace: Option<Trace>,
+    /// The response cache's result (`hit`, `miss`, `refresh`, `bypass`) for
+    /// a model that uses it.
+    pub cache: Option<&'static str>,
+    /// A hit: the price of the usage it replayed.
+    pub saved_usd: f64,
+}
+
+impl Finished<'_> {
+    fn cache_hit(&self) -> bool {
+        self.cache == Some("hit")
+    }
 }
 
 impl Sinks {
@@ -78,7 +89,11 @@ impl Sinks {
             request_id: f.request_id,
             key: f.key,
             model: &f.model.label,
-            upstream: f.upstream.map_or("-", |(name, _)| name),
+            upstream: match f.upstream {
+                _ if f.cache_hit() => "cache",
+                Some((name, _)) => name,
+                None => "-",
+            },
             status: f.status,
             outcome: f.outcome.as_str(),
             error: f.error_code.unwrap_or("-"),
@@ -92,7 +107,12 @@ impl Sinks {
     }
 
     fn count(&self, f: &Finished<'_>) {
-        f.model.request(f.status, f.outcome).inc();
+        let by = match f.upstream {
+            _ if f.cache_hit() => AnsweredBy::Cache,
+            Some((_, index)) => AnsweredBy::Upstream(index),
+            None => AnsweredBy::None,
+        };
+        f.model.request(f.status, f.outcome, by).inc();
         f.model.duration.observe(f.latency.as_secs_f64());
         let at = f.upstream.and_then(|(_, index)| f.model.at(index));
         if let (Some(tokens), Some(at)) = (f.tokens, at) {
@@ -155,6 +175,8 @@ impl Sinks {
             usage_estimated: f.usage_estimated,
             shadow: false,
             content_hash: f.content_hash.clone(),
+            cache: f.cache.map(str::to_owned),
+            saved_usd: f.cache_hit().then_some(f.saved_usd),
         };
         if f.compared {
             self.comparison.add(&line);

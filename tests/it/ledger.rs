@@ -45,6 +45,8 @@ fn line(request_id: &str) -> LedgerLine {
         usage_estimated: false,
         shadow: false,
         content_hash: None,
+        cache: None,
+        saved_usd: None,
     }
 }
 

@@ -75,17 +75,42 @@ impl Gateway {
             .unwrap()
     }
 
-    /// The value of one sample line in `/metrics`, 0 if absent.
+    /// The sum of the samples in `/metrics` that a selector matches, 0 if none.
     pub async fn metric(&self, series: &str) -> f64 {
         metric_value(&self.metrics().await, series)
     }
 }
 
+/// The sum of the samples a selector matches, as PromQL's `sum(name{labels})`
+/// would: `name{a="x",b="y"}` matches every sample of `name` that has those
+/// labels, whatever others it has; `name` alone matches all of its samples.
 pub fn metric_value(text: &str, series: &str) -> f64 {
+    let (name, wanted) = split_series(series);
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            let (n, labels) = split_series(s);
+            n == name && wanted.iter().all(|w| labels.contains(w))
+        })
+        .map(|(_, v)| v.trim().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// `name{a="x",b="y"}` as its name and its `a="x"` pairs.
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        None => (series, Vec::new()),
+        Some((name, rest)) => {
+            let inner = rest.strip_suffix('}').unwrap_or(rest);
+            // Label values here never contain `",` (config names and closed sets).
+            let pairs = inner
+                .split("\",")
+                .map(|p| p.trim_end_matches('"'))
+                .filter(|p| !p.is_empty());
+            (name, pairs.collect())
+        }
+    }
 }
 
 /// A config with one model `deepseek-chat` routed to the first upstream as
