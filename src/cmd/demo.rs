@@ -150,6 +150,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
     );
     println!("                     10% is also mirrored to a shadow candidate (see /metrics relaygate_shadow_*)");
     println!("    deepseek-hedged  the same pair, hedged after 250 ms");
+    println!("    deepseek-cached  the same pair behind the response cache (see /admin/cache)");
     println!("    deepseek-flaky   sim-flaky alone: its errors reach the client");
     println!();
     println!("Base URL: {base}   (any API key works)");
@@ -218,6 +219,14 @@ async fn outages(normal: Faults, sim: crate::sim::SimHandle, every: Duration, ou
     }
 }
 
+/// What the demo traffic asks `deepseek-cached`.
+const QUESTIONS: [&str; 4] = [
+    "What is the capital of France?",
+    "Summarise the plot of Hamlet in one line.",
+    "Translate 'good morning' into Spanish.",
+    "What is 17 times 23?",
+];
+
 /// One second of client-side observations.
 #[derive(Default)]
 struct Second {
@@ -242,13 +251,23 @@ async fn traffic(base: String, rps: u32, state: crate::AppState) {
                 n += 1;
                 let (client, window, url) = (client.clone(), window.clone(), format!("{base}/chat/completions"));
                 let stream = n % 4 == 0;
-                let model = if n % 10 == 0 { "deepseek-hedged" } else { "deepseek-chat" };
+                let model = match n % 10 {
+                    0 => "deepseek-hedged",
+                    1 | 6 => "deepseek-cached",
+                    _ => "deepseek-chat",
+                };
+                // The cached model is asked the same few questions, so most are hits.
+                let content = if model == "deepseek-cached" {
+                    QUESTIONS[(n / 5) as usize % QUESTIONS.len()]
+                } else {
+                    "Hello from the demo traffic"
+                };
                 tokio::spawn(async move {
                     let t = std::time::Instant::now();
                     let body = serde_json::json!({
                         "model": model,
                         "stream": stream,
-                        "messages": [{ "role": "user", "content": "Hello from the demo traffic" }],
+                        "messages": [{ "role": "user", "content": content }],
                     });
                     let ok = match client
                         .post(url)
@@ -295,8 +314,21 @@ fn summary_line(seconds: u64, s: &mut Second, state: &crate::AppState) -> String
         .iter()
         .map(|u| format!("{}={}", u.name, u.state.breaker.state().as_str()))
         .collect();
+    let cache = state.cache().map_or(String::new(), |c| {
+        use crate::cache::CacheResult::{Hit, Miss};
+        let (hits, misses) = (
+            c.metrics.get("deepseek-cached", Hit),
+            c.metrics.get("deepseek-cached", Miss),
+        );
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            100.0 * hits as f64 / (hits + misses) as f64
+        };
+        format!("  cache hits {ratio:>3.0}%")
+    });
     format!(
-        "[{:>4}s] {:>3} req/s  success {:>5.1}%  p50 {:>5.0}ms  p99 {:>5.0}ms  breakers: {}",
+        "[{:>4}s] {:>3} req/s  success {:>5.1}%  p50 {:>5.0}ms  p99 {:>5.0}ms  breakers: {}{cache}",
         seconds,
         total,
         if total == 0 {
