@@ -75,6 +75,9 @@ struct Totals {
     reasoning: u64,
     cost_usd: f64,
     estimated: u64,
+    /// Requests answered from the response cache: no tokens bought.
+    hits: u64,
+    saved_usd: f64,
 }
 
 impl Totals {
@@ -87,6 +90,8 @@ impl Totals {
         self.reasoning += l.reasoning_tokens;
         self.cost_usd += l.cost_usd;
         self.estimated += u64::from(l.usage_estimated);
+        self.hits += u64::from(l.cache.as_deref() == Some("hit"));
+        self.saved_usd += l.saved_usd.unwrap_or(0.0);
     }
 
     fn merge(&mut self, o: &Totals) {
@@ -98,6 +103,8 @@ impl Totals {
         self.reasoning += o.reasoning;
         self.cost_usd += o.cost_usd;
         self.estimated += o.estimated;
+        self.hits += o.hits;
+        self.saved_usd += o.saved_usd;
     }
 
     /// `EST_%`: the share of requests with estimated usage, in percent to
@@ -109,7 +116,7 @@ impl Totals {
         format!("{:.1}", self.estimated as f64 * 100.0 / self.requests as f64)
     }
 
-    fn cells(&self, name: &str) -> [String; 10] {
+    fn cells(&self, name: &str) -> [String; 12] {
         [
             name.to_owned(),
             self.requests.to_string(),
@@ -121,11 +128,13 @@ impl Totals {
             format!("{:.6}", self.cost_usd),
             self.estimated.to_string(),
             self.estimated_share(),
+            self.hits.to_string(),
+            format!("{:.6}", self.saved_usd),
         ]
     }
 }
 
-const COLUMNS: [&str; 9] = [
+const COLUMNS: [&str; 11] = [
     "REQUESTS",
     "ERRORS",
     "PROMPT",
@@ -135,6 +144,8 @@ const COLUMNS: [&str; 9] = [
     "COST_USD",
     "ESTIMATED",
     "EST_%",
+    "CACHE_HITS",
+    "SAVED_USD",
 ];
 
 /// Reads the ledger and renders the table. `now` is injected so tests can
@@ -179,7 +190,11 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
         let name = match args.by {
             GroupBy::Key => line.key.clone(),
             GroupBy::Model => line.model.clone(),
-            GroupBy::Upstream => line.upstream.clone().unwrap_or_else(|| "-".to_owned()),
+            GroupBy::Upstream => match &line.upstream {
+                Some(upstream) => upstream.clone(),
+                None if line.cache.as_deref() == Some("hit") => "cache".to_owned(),
+                None => "-".to_owned(),
+            },
             // format_rfc3339 is always UTC: its first 10 characters are the date.
             GroupBy::Day => humantime::format_rfc3339_seconds(time).to_string()[..10].to_owned(),
         };
@@ -190,7 +205,7 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
     for t in groups.values() {
         total.merge(t);
     }
-    let mut rows: Vec<[String; 10]> = Vec::with_capacity(groups.len() + 2);
+    let mut rows: Vec<[String; 12]> = Vec::with_capacity(groups.len() + 2);
     rows.push(std::array::from_fn(|i| match i {
         0 => args.by.header().to_owned(),
         _ => COLUMNS[i - 1].to_owned(),
@@ -198,7 +213,7 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
     rows.extend(groups.iter().map(|(name, t)| t.cells(name)));
     rows.push(total.cells("TOTAL"));
 
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 12];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());

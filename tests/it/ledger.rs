@@ -335,23 +335,25 @@ fn report_by_model_sums_rows_and_total_with_cost_to_six_decimals() {
             "REASONING",
             "COST_USD",
             "ESTIMATED",
-            "EST_%"
+            "EST_%",
+            "CACHE_HITS",
+            "SAVED_USD"
         ]
     );
     // a + b + d; e is shadow, f is malformed.
     assert_eq!(
         row(&rows, "deepseek-chat"),
-        ["3", "1", "3000", "400", "1200", "300", "0.001243", "1", "33.3"],
+        ["3", "1", "3000", "400", "1200", "300", "0.001243", "1", "33.3", "0", "0.000000"],
         "{out}"
     );
     assert_eq!(
         row(&rows, "gpt-4o-mini"),
-        ["1", "1", "0", "0", "0", "0", "0.000000", "0", "0.0"]
+        ["1", "1", "0", "0", "0", "0", "0.000000", "0", "0.0", "0", "0.000000"]
     );
     // 0.0002632 + 0.00098 = 0.0012432
     assert_eq!(
         row(&rows, "TOTAL"),
-        ["4", "2", "3000", "400", "1200", "300", "0.001243", "1", "25.0"]
+        ["4", "2", "3000", "400", "1200", "300", "0.001243", "1", "25.0", "0", "0.000000"]
     );
     assert!(out.contains("note: skipped 3 malformed lines"), "{out}");
     assert!(out.contains("note: excluded 1 shadow requests"), "{out}");
@@ -387,11 +389,11 @@ fn report_by_key() {
     // a, c, d
     assert_eq!(
         row(&rows, "team-a"),
-        ["3", "2", "1000", "400", "200", "0", "0.000263", "0", "0.0"]
+        ["3", "2", "1000", "400", "200", "0", "0.000263", "0", "0.0", "0", "0.000000"]
     );
     assert_eq!(
         row(&rows, "team-b"),
-        ["1", "0", "2000", "0", "1000", "300", "0.000980", "1", "100.0"]
+        ["1", "0", "2000", "0", "1000", "300", "0.000980", "1", "100.0", "0", "0.000000"]
     );
     assert_eq!(row(&rows, "TOTAL")[..2], ["4", "2"]);
 }
@@ -401,12 +403,40 @@ fn report_by_upstream_puts_requests_without_an_upstream_under_a_dash() {
     let path = ledger_file(LEDGER);
     let rows = table(&report(&args(&path, GroupBy::Upstream, None, false), now()).unwrap());
     assert_eq!(names(&rows), ["UPSTREAM", "-", "deepseek-direct", "holysheep", "TOTAL"]);
-    assert_eq!(row(&rows, "-"), ["1", "1", "0", "0", "0", "0", "0.000000", "0", "0.0"]);
+    assert_eq!(
+        row(&rows, "-"),
+        ["1", "1", "0", "0", "0", "0", "0.000000", "0", "0.0", "0", "0.000000"]
+    );
     assert_eq!(row(&rows, "deepseek-direct")[..3], ["1", "0", "2000"]);
     assert_eq!(
         row(&rows, "holysheep"),
-        ["2", "1", "1000", "400", "200", "0", "0.000263", "0", "0.0"]
+        ["2", "1", "1000", "400", "200", "0", "0.000263", "0", "0.0", "0", "0.000000"]
     );
+}
+
+/// Cache hits: counted as requests with what they saved, under `cache` by
+/// upstream; their tokens are not spend.
+#[test]
+fn report_shows_cache_hits_and_savings() {
+    let mut text = String::new();
+    for (i, hit) in [true, true, false].into_iter().enumerate() {
+        let mut l = line(&format!("req-{i}"));
+        if hit {
+            (l.upstream, l.cost_usd, l.prompt_tokens, l.completion_tokens) = (None, 0.0, 0, 0);
+            (l.cache, l.saved_usd) = (Some("hit".into()), Some(0.25));
+        } else {
+            l.cache = Some("miss".into());
+        }
+        text.push_str(&serde_json::to_string(&l).unwrap());
+        text.push('\n');
+    }
+    let path = ledger_file(&text);
+    let out = report(&args(&path, GroupBy::Upstream, None, false), now()).unwrap();
+    let rows = table(&out);
+    assert_eq!(rows[0][10..], ["CACHE_HITS", "SAVED_USD"], "{out}");
+    assert_eq!(row(&rows, "cache")[9..], ["2", "0.500000"], "{out}");
+    assert_eq!(row(&rows, "cache")[6], "0.000000", "hits cost nothing");
+    assert_eq!(row(&rows, "TOTAL")[9..], ["2", "0.500000"], "{out}");
 }
 
 /// An upstream that ignores `stream_options.include_usage` shows at 100%
@@ -436,11 +466,11 @@ fn report_by_upstream_shows_the_share_of_estimated_requests() {
     let path = ledger_file(&text);
     let out = report(&args(&path, GroupBy::Upstream, None, false), now()).unwrap();
     let rows = table(&out);
-    assert_eq!(rows[0].last().unwrap(), "EST_%", "{out}");
-    assert_eq!(row(&rows, "relay")[7..], ["3", "100.0"], "{out}");
-    assert_eq!(row(&rows, "direct")[7..], ["1", "25.0"], "{out}");
+    assert_eq!(rows[0][8..10], ["ESTIMATED", "EST_%"], "{out}");
+    assert_eq!(row(&rows, "relay")[7..9], ["3", "100.0"], "{out}");
+    assert_eq!(row(&rows, "direct")[7..9], ["1", "25.0"], "{out}");
     // 4 of 7: 57.142...
-    assert_eq!(row(&rows, "TOTAL")[7..], ["4", "57.1"], "{out}");
+    assert_eq!(row(&rows, "TOTAL")[7..9], ["4", "57.1"], "{out}");
 }
 
 #[test]
@@ -450,11 +480,11 @@ fn report_by_day_uses_the_utc_date() {
     assert_eq!(names(&rows), ["DAY", "2025-06-01", "2025-06-02", "TOTAL"]);
     assert_eq!(
         row(&rows, "2025-06-01"),
-        ["1", "0", "1000", "400", "200", "0", "0.000263", "0", "0.0"]
+        ["1", "0", "1000", "400", "200", "0", "0.000263", "0", "0.0", "0", "0.000000"]
     );
     assert_eq!(
         row(&rows, "2025-06-02"),
-        ["3", "2", "2000", "0", "1000", "300", "0.000980", "1", "33.3"]
+        ["3", "2", "2000", "0", "1000", "300", "0.000980", "1", "33.3", "0", "0.000000"]
     );
 }
 
@@ -470,7 +500,7 @@ fn report_since_keeps_only_recent_lines_inclusive_of_the_cutoff() {
     let rows = table(&out);
     assert_eq!(
         row(&rows, "deepseek-chat"),
-        ["2", "1", "2000", "0", "1000", "300", "0.000980", "1", "50.0"]
+        ["2", "1", "2000", "0", "1000", "300", "0.000980", "1", "50.0", "0", "0.000000"]
     );
     assert_eq!(row(&rows, "TOTAL")[..2], ["3", "2"]);
     // Cutoff 11:00:00 exactly: d (at 11:00:00) and c stay, b goes.
@@ -491,7 +521,7 @@ fn report_includes_shadow_requests_only_when_asked() {
     // + e: 500 prompt, 100 out, 0.000182 → 0.0014252
     assert_eq!(
         row(&rows, "deepseek-chat"),
-        ["4", "1", "3500", "400", "1300", "300", "0.001425", "1", "25.0"]
+        ["4", "1", "3500", "400", "1300", "300", "0.001425", "1", "25.0", "0", "0.000000"]
     );
     assert_eq!(row(&rows, "TOTAL")[..3], ["5", "2", "3500"]);
     assert!(!out.contains("shadow"), "{out}");
@@ -505,7 +535,7 @@ fn report_of_an_empty_ledger_is_a_zero_total() {
     assert_eq!(names(&rows), ["DAY", "TOTAL"]);
     assert_eq!(
         row(&rows, "TOTAL"),
-        ["0", "0", "0", "0", "0", "0", "0.000000", "0", "-"]
+        ["0", "0", "0", "0", "0", "0", "0.000000", "0", "-", "0", "0.000000"]
     );
     assert!(!out.contains("note:"), "{out}");
 }
@@ -531,11 +561,11 @@ async fn report_reads_what_the_writer_wrote() {
     let rows = table(&report(&args(&path, GroupBy::Key, Some("24h"), false), now()).unwrap());
     assert_eq!(
         row(&rows, "even"),
-        ["5", "0", "5000", "2000", "1000", "250", "0.001316", "0", "0.0"]
+        ["5", "0", "5000", "2000", "1000", "250", "0.001316", "0", "0.0", "0", "0.000000"]
     );
     assert_eq!(
         row(&rows, "TOTAL"),
-        ["10", "0", "10000", "4000", "2000", "500", "0.002632", "0", "0.0"]
+        ["10", "0", "10000", "4000", "2000", "500", "0.002632", "0", "0.0", "0", "0.000000"]
     );
 }
 
