@@ -73,6 +73,8 @@ pub fn describe(u: &Upstream) -> Value {
         "host": u.host,
         "breaker": {
             "state": breaker.state().as_str(),
+            "state_seconds": breaker.since().as_secs_f64(),
+            "last_open_reason": breaker.open_reason().map(|r| r.as_str()),
             "open_remaining_seconds": breaker.retry_after().as_secs_f64(),
             "window_requests": requests,
             "window_failures": failures,

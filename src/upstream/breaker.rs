@@ -64,6 +64,38 @@ impl State {
     }
 }
 
+/// Why a breaker last opened: for the status page and the admin API, so a
+/// reader sees "5 failures in a row" rather than only "open".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenReason {
+    /// `consecutive_failures` in a row.
+    Consecutive,
+    /// `failure_rate` over `window` with at least `min_requests`.
+    FailureRate,
+    /// A half-open probe failed.
+    ProbeFailed,
+    /// `POST /admin/upstreams/{name}/open`.
+    Admin,
+}
+
+impl OpenReason {
+    const ALL: [OpenReason; 4] = [
+        OpenReason::Consecutive,
+        OpenReason::FailureRate,
+        OpenReason::ProbeFailed,
+        OpenReason::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpenReason::Consecutive => "consecutive_failures",
+            OpenReason::FailureRate => "failure_rate",
+            OpenReason::ProbeFailed => "probe_failed",
+            OpenReason::Admin => "admin",
+        }
+    }
+}
+
 const SLICES: u64 = 10;
 
 /// Success and failure counts over `window`, in `SLICES` slices.
@@ -145,6 +177,11 @@ pub struct Breaker {
     probes_ok: AtomicU32,
     last_error: AtomicU8,
     last_error_at: AtomicU64,
+    /// When the current state began, in ms since `base`; written only on
+    /// transitions, so it costs the hot path nothing.
+    since: AtomicU64,
+    /// `OpenReason` as its index; `u8::MAX` before the first open.
+    open_reason: AtomicU8,
     transition: Mutex<()>,
     gauge: IntGauge,
     transitions: IntCounterVec,
@@ -209,6 +246,8 @@ impl Breaker {
             probes_ok: AtomicU32::new(0),
             last_error: AtomicU8::new(u8::MAX),
             last_error_at: AtomicU64::new(0),
+            since: AtomicU64::new(0),
+            open_reason: AtomicU8::new(u8::MAX),
             transition: Mutex::new(()),
             gauge,
             transitions: metrics.circuit_transitions.clone(),
@@ -239,7 +278,7 @@ impl Breaker {
                     if now < until {
                         return Err(Duration::from_millis(until - now));
                     }
-                    self.transition_from(State::Open, State::HalfOpen);
+                    self.transition_from(State::Open, State::HalfOpen, None);
                 }
                 State::HalfOpen => {
                     let started = self.probes_started.fetch_add(1, Ordering::AcqRel);
@@ -288,7 +327,7 @@ impl Breaker {
         if probe && self.state() == State::HalfOpen {
             let ok = self.probes_ok.fetch_add(1, Ordering::AcqRel) + 1;
             if ok >= self.cfg.half_open_probes {
-                self.transition_from(State::HalfOpen, State::Closed);
+                self.transition_from(State::HalfOpen, State::Closed, None);
             }
         }
     }
@@ -300,13 +339,17 @@ impl Breaker {
         let consecutive = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         self.window.record(now, false);
         match self.state() {
-            State::HalfOpen if probe => self.transition_from(State::HalfOpen, State::Open),
+            State::HalfOpen if probe => {
+                self.transition_from(State::HalfOpen, State::Open, Some(OpenReason::ProbeFailed))
+            }
             State::Closed => {
                 let (requests, failures) = self.window.totals(now);
                 let rate_tripped = requests >= self.cfg.min_requests.max(1)
                     && f64::from(failures) >= self.cfg.failure_rate * f64::from(requests);
-                if consecutive >= self.cfg.consecutive_failures || rate_tripped {
-                    self.transition_from(State::Closed, State::Open);
+                if consecutive >= self.cfg.consecutive_failures {
+                    self.transition_from(State::Closed, State::Open, Some(OpenReason::Consecutive));
+                } else if rate_tripped {
+                    self.transition_from(State::Closed, State::Open, Some(OpenReason::FailureRate));
                 }
             }
             _ => {}
@@ -321,6 +364,18 @@ impl Breaker {
         Some((error, Duration::from_millis(ago)))
     }
 
+    /// How long the breaker has been in its current state.
+    pub fn since(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.since.load(Ordering::Acquire)))
+    }
+
+    /// Why it last opened (it may have closed since); `None` if it never did.
+    pub fn open_reason(&self) -> Option<OpenReason> {
+        OpenReason::ALL
+            .get(usize::from(self.open_reason.load(Ordering::Acquire)))
+            .copied()
+    }
+
     /// (requests, failures, consecutive failures) in the current window.
     pub fn counts(&self) -> (u32, u32, u32) {
         let (requests, failures) = self.window.totals(self.now_ms());
@@ -331,25 +386,29 @@ impl Breaker {
     pub fn reset(&self) {
         let _guard = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         let from = self.state();
-        self.enter(from, State::Closed);
+        self.enter(from, State::Closed, None);
     }
 
     /// Admin: drain by hand; stays open until `reset`.
     pub fn force_open(&self) {
         let _guard = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         let from = self.state();
-        self.enter(from, State::ForcedOpen);
+        self.enter(from, State::ForcedOpen, Some(OpenReason::Admin));
     }
 
-    fn transition_from(&self, from: State, to: State) {
+    fn transition_from(&self, from: State, to: State, reason: Option<OpenReason>) {
         let _guard = self.transition.lock().unwrap_or_else(|e| e.into_inner());
         if self.state() == from {
-            self.enter(from, to);
+            self.enter(from, to, reason);
         }
     }
 
-    /// Enters `to`; the caller holds the transition lock.
-    fn enter(&self, from: State, to: State) {
+    /// Enters `to` (for an open state, because of `reason`); the caller
+    /// holds the transition lock.
+    fn enter(&self, from: State, to: State, reason: Option<OpenReason>) {
+        if let Some(reason) = reason {
+            self.open_reason.store(reason as u8, Ordering::Release);
+        }
         match to {
             State::Open => {
                 let reopens = self.reopens.fetch_add(1, Ordering::AcqRel);
@@ -372,6 +431,9 @@ impl Breaker {
                 self.window.clear();
             }
             State::ForcedOpen => {}
+        }
+        if from != to {
+            self.since.store(self.now_ms(), Ordering::Release);
         }
         self.state.store(to as u8, Ordering::Release);
         if from != to {
@@ -411,8 +473,12 @@ mod tests {
             b.try_acquire().unwrap().failure(ErrorType::ServerError);
         }
         assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.open_reason(), None);
+        tokio::time::advance(Duration::from_millis(300)).await;
         b.try_acquire().unwrap().failure(ErrorType::ServerError);
         assert_eq!(b.state(), State::Open);
+        assert_eq!(b.open_reason(), Some(OpenReason::Consecutive));
+        assert_eq!(b.since(), Duration::ZERO, "since the open, not the start");
         assert!(b.try_acquire().is_err());
         assert_eq!(b.retry_after(), Duration::from_secs(1));
 
@@ -441,6 +507,7 @@ mod tests {
             tokio::time::advance(wait + Duration::from_millis(1)).await;
             b.try_acquire().unwrap().failure(ErrorType::Timeout);
             assert_eq!(b.state(), State::Open);
+            assert_eq!(b.open_reason(), Some(OpenReason::ProbeFailed));
             last = wait;
         }
         assert!(
@@ -485,6 +552,7 @@ mod tests {
         b.try_acquire().unwrap().failure(ErrorType::ServerError);
         assert_eq!(b.counts().0, 10);
         assert_eq!(b.state(), State::Open);
+        assert_eq!(b.open_reason(), Some(OpenReason::FailureRate));
     }
 
     #[tokio::test(start_paused = true)]
@@ -510,6 +578,8 @@ mod tests {
         b.force_open();
         tokio::time::advance(Duration::from_secs(600)).await;
         assert!(b.try_acquire().is_err());
+        assert_eq!(b.open_reason(), Some(OpenReason::Admin));
+        assert_eq!(b.since(), Duration::from_secs(600));
         b.reset();
         assert!(b.try_acquire().is_ok());
         assert_eq!(b.state(), State::Closed);
