@@ -16,13 +16,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::error::GatewayError;
 use crate::gateway::auth::bearer;
-use crate::gateway::state::AppState;
+use crate::gateway::state::{AppState, Runtime};
 use crate::upstream::Upstream;
 
 pub fn router(state: AppState) -> Router<AppState> {
@@ -41,23 +41,47 @@ fn admin_error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// What a request's `Authorization` header is worth to the admin API.
+pub enum Access {
+    /// No `[admin] key` configured: the admin API is off.
+    Off,
+    Missing,
+    Granted,
+    Wrong,
+}
+
+/// Checks the bearer token against `[admin] key`, in constant time.
+pub fn access(runtime: &Runtime, headers: &HeaderMap) -> Access {
+    let Some(key) = &runtime.config.admin_key else {
+        return Access::Off;
+    };
+    match bearer(headers) {
+        None => Access::Missing,
+        Some(token) if bool::from(key.expose().as_bytes().ct_eq(token)) => Access::Granted,
+        Some(_) => Access::Wrong,
+    }
+}
+
+/// The answer to a wrong admin key (403, OpenAI-shaped).
+pub fn wrong_key() -> Response {
+    admin_error(StatusCode::FORBIDDEN, "invalid_admin_key", "Incorrect admin key.")
+}
+
 async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let runtime = state.runtime();
-    let Some(key) = &runtime.config.admin_key else {
-        return GatewayError::NotFound {
+    match access(&runtime, req.headers()) {
+        Access::Off => GatewayError::NotFound {
             method: req.method().to_string(),
             path: req.uri().path().to_owned(),
         }
-        .into_response();
-    };
-    match bearer(req.headers()) {
-        None => admin_error(
+        .into_response(),
+        Access::Missing => admin_error(
             StatusCode::UNAUTHORIZED,
             "missing_admin_key",
             "The admin API needs 'Authorization: Bearer <admin key>'.",
         ),
-        Some(token) if bool::from(key.expose().as_bytes().ct_eq(token)) => next.run(req).await,
-        Some(_) => admin_error(StatusCode::FORBIDDEN, "invalid_admin_key", "Incorrect admin key."),
+        Access::Granted => next.run(req).await,
+        Access::Wrong => wrong_key(),
     }
 }
 

@@ -289,6 +289,21 @@ impl Limiter {
         &self.inner.settings
     }
 
+    /// Each rule with the requests it has refused since start
+    /// (`relaygate_rate_limited_total`), for the status page.
+    pub fn rejections(&self) -> impl Iterator<Item = (&Rule, u64)> {
+        self.inner.slots.iter().map(|slot| {
+            let rule = &slot.rule;
+            let refused = self
+                .inner
+                .metrics
+                .rate_limited
+                .with_label_values(&[rule.scope.as_str(), &rule.name])
+                .get();
+            (rule, refused)
+        })
+    }
+
     /// The request-phase rules (scopes key, model and global) that match this
     /// client key name and model name. Pass the configured model name (after
     /// routing), not an arbitrary one a client typed: rules without `match`

@@ -33,14 +33,14 @@ pub const TOKEN_TYPES: [&str; 4] = ["prompt", "completion", "cached_prompt", "re
 /// reasoning stream in minutes. The buckets are dense below 1 s, where the
 /// latency SLO lives (0.12 s is a boundary so that the default 120 ms SLO is
 /// read exactly), and sparse up to 300 s, past which requests time out.
-const REQUEST_BUCKETS: &[f64] = &[
+pub const REQUEST_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.12, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
     30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
 ];
 
 /// Time to first token: from ~50 ms (hot cache, close relay) to a minute
 /// (reasoning models that think before the first content token).
-const TTFT_BUCKETS: &[f64] = &[
+pub const TTFT_BUCKETS: &[f64] = &[
     0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
 
