@@ -5,7 +5,8 @@
 //! 2. `PropagateRequestId`: returns it on every response;
 //! 3. `Routes`: `POST /v1/{chat/completions,completions,embeddings}` to
 //!    `gateway::handle`; everything else to the router: `/v1/models`,
-//!    `/health*`, `/metrics`, `/admin/*`, and a fallback that answers
+//!    `/health*`, `/metrics`, `/admin/*`, the status page (`/`, `/status*`),
+//!    and a fallback that answers
 //!    unknown paths (and other methods on the proxied ones) with
 //!    OpenAI-shaped 404s.
 //!
@@ -99,6 +100,7 @@ fn router(state: AppState) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics))
         .merge(crate::edge::admin::router(state.clone()))
+        .merge(crate::edge::status::router())
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(state)
