@@ -37,6 +37,10 @@ pub struct DemoArgs {
     /// How long each outage of the flaky upstream lasts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub outage: Duration,
+    /// The admin key (the status page's admin actions, `/admin/*`); by
+    /// default a random one, printed at start.
+    #[arg(long)]
+    pub admin_key: Option<String>,
     /// Legal but less common SSE from both simulated upstreams, to see how
     /// relaygate reads it (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -109,16 +113,28 @@ pub async fn setup(args: &DemoArgs) -> Result<(Vec<Sim>, Config), String> {
     .await
     .map_err(|e| format!("cannot start the simulated upstream: {e}"))?;
     let (healthy_url, flaky_url) = (healthy.base_url(), flaky.base_url());
+    let admin_key = admin_key(args);
     let config = Config::parse(DEMO_CONFIG, |name| match name {
         "HEALTHY_URL" => Some(healthy_url.clone()),
         "FLAKY_URL" => Some(flaky_url.clone()),
+        "DEMO_ADMIN_KEY" => Some(admin_key.clone()),
         _ => None,
     })
     .map_err(|e| format!("embedded demo config: {e}"))?;
     Ok((vec![healthy, flaky], config))
 }
 
-pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
+/// `--admin-key`, or a random key for this run: the demo may listen beyond
+/// loopback (`--listen`), so its admin API gets no well-known key.
+fn admin_key(args: &DemoArgs) -> String {
+    args.admin_key
+        .clone()
+        .unwrap_or_else(|| format!("demo-admin-{:016x}", fastrand::u64(..)))
+}
+
+pub async fn run(mut args: DemoArgs) -> Result<ExitCode, String> {
+    // Chosen once, so that the key printed is the key configured.
+    args.admin_key = Some(admin_key(&args));
     let (sims, config) = setup(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| {
         format!(
@@ -171,6 +187,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
     println!("  r = client.chat.completions.create(model=\"deepseek-chat\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])");
     println!("  print(r.choices[0].message.content, r.usage)");
     println!();
+    println!("Open http://{local}/ in a browser: the live status page.");
+    println!(
+        "Admin key (the page's admin actions, /admin/*): {}",
+        args.admin_key.as_deref().unwrap_or_default()
+    );
     println!("Metrics: http://{local}/metrics   Health: http://{local}/health   Stop: Ctrl-C");
     if !args.outage_every.is_zero() {
         println!(
