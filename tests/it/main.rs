@@ -40,3 +40,4 @@ mod resilience;
 mod shadow;
 mod sse_props;
 mod sse_shapes;
+mod status;
