@@ -125,6 +125,11 @@ impl Metrics {
         }
     }
 
+    /// What `relaygate_cache_saved_usd_total` says for one model.
+    pub fn saved_usd(&self, model: &str) -> f64 {
+        self.saved_usd.with_label_values(&[model]).get()
+    }
+
     /// What `relaygate_cache_requests_total` says for one model and result.
     pub fn get(&self, model: &str, result: CacheResult) -> u64 {
         self.requests.with_label_values(&[model, result.as_str()]).get()

@@ -340,6 +340,14 @@ impl Cache {
         }
     }
 
+    /// (entries, bytes) when the backend knows them (memory).
+    pub fn size(&self) -> Option<(u64, u64)> {
+        match &self.backend {
+            Backend::Memory(m) => Some(m.size()),
+            Backend::Redis(_) => None,
+        }
+    }
+
     /// Single flights in progress.
     pub fn flights_in_progress(&self) -> usize {
         self.flights.len()

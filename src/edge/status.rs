@@ -138,6 +138,9 @@ pub fn snapshot(state: &AppState, runtime: &Runtime, admin: bool) -> Value {
     if !limits.is_empty() {
         body["rate_limits"] = json!(limits);
     }
+    if let Some(cache) = state.cache() {
+        body["cache"] = cache_section(cache, runtime);
+    }
     let shadows = shadows(state, runtime);
     if !shadows.is_empty() {
         body["shadow"] = json!(shadows);
@@ -215,7 +218,6 @@ fn models(state: &AppState, runtime: &Runtime, requests: &Samples, durations: &S
     let failovers = Samples::of(&metrics.failovers);
     let hedges = Samples::of(&metrics.hedges);
     let cost = Samples::of(&metrics.cost);
-    let tokens = Samples::of(&metrics.tokens);
     runtime
         .models
         .iter()
@@ -228,25 +230,21 @@ fn models(state: &AppState, runtime: &Runtime, requests: &Samples, durations: &S
                 .iter()
                 .map(|t| json!({ "upstream": &*t.upstream.name, "model": t.model, "priority": t.priority, "weight": t.weight }))
                 .collect();
-            // Which upstreams answered: tokens (prompt and completion, read
-            // or estimated) by upstream; the page turns them into shares.
-            let served: Map<String, Value> = m
-                .route
-                .targets
-                .iter()
-                .map(|t| &*t.upstream.name)
-                .map(|u| {
-                    let n = tokens.sum(|s| {
-                        of(s) && label(s, "upstream") == u && matches!(label(s, "type"), "prompt" | "completion")
-                    });
-                    (u.to_owned(), json!(n))
-                })
-                .collect();
+            // Which upstreams answered (or were last tried), `cache` for
+            // cache hits: requests by upstream; the page turns them into shares.
+            let mut served = Map::new();
+            for sample in requests.series().filter(|s| of(s)) {
+                let upstream = label(sample, "upstream");
+                if upstream != "none" {
+                    let n = served.get(upstream).and_then(Value::as_f64).unwrap_or(0.0);
+                    served.insert(upstream.to_owned(), json!(n + sample.get_counter().value()));
+                }
+            }
             let mut totals = request_totals(requests, of);
             totals["failovers"] = json!(failovers.sum(of));
             totals["hedges"] = json!(hedges.sum(of));
             totals["cost_usd"] = json!(cost.sum(of));
-            totals["tokens_by_upstream"] = Value::Object(served);
+            totals["requests_by_upstream"] = Value::Object(served);
             json!({
                 "name": name,
                 "targets": targets,
@@ -260,6 +258,28 @@ fn models(state: &AppState, runtime: &Runtime, requests: &Samples, durations: &S
             })
         })
         .collect()
+}
+
+/// The response cache: its backend and size, and per cache-enabled model
+/// the lookups and stores since start and what the hits saved.
+fn cache_section(cache: &crate::cache::Cache, runtime: &Runtime) -> Value {
+    use crate::cache::CacheResult::*;
+    let models: Vec<Value> = runtime
+        .models
+        .iter()
+        .filter(|m| m.config.cache.is_some())
+        .map(|m| {
+            let name = m.config.name.as_str();
+            let mut totals = Map::new();
+            for result in [Hit, Miss, Bypass, Refresh, Stored, NotStored] {
+                totals.insert(result.as_str().to_owned(), json!(cache.metrics.get(name, result)));
+            }
+            totals.insert("saved_usd".into(), json!(cache.metrics.saved_usd(name)));
+            json!({ "model": name, "totals": totals })
+        })
+        .collect();
+    let (entries, bytes) = cache.size().unzip();
+    json!({ "backend": cache.backend_name(), "entries": entries, "bytes": bytes, "models": models })
 }
 
 /// Requests, those that count toward the success rate (as in the `/health`

@@ -81,6 +81,8 @@ async fn status_json_shows_health_without_a_key_and_secrets_never() {
     assert_eq!(public["admin_enabled"], true);
     assert!(public.get("admin").is_none(), "{public}");
     assert!(public.get("rate_limits").is_none() && public.get("shadow").is_none());
+    assert!(public.get("cache").is_none(), "no cache configured, no panel");
+    assert_eq!(public["models"][0]["totals"]["requests_by_upstream"]["a"], 1.0);
 
     let wrong = get("/status.json", Some("sk-not-the-admin-key")).await.unwrap();
     assert_eq!(wrong.status(), 403);
@@ -362,6 +364,11 @@ async fn status_page_in_chromium_against_the_demo() {
     b.next_polls(2).await;
     let served = b.text_of("[data-model=deepseek-chat] td:nth-child(3)").await;
     assert!(served.contains("sim-healthy"), "served by: {served:?}");
+    // The demo's cached model: its panel, with hits since start.
+    let hits = b.text_of("[data-cache-model=deepseek-cached] td:nth-child(3)").await;
+    assert!(hits.ends_with('%') && hits != "0%", "cache hit ratio: {hits:?}");
+    let served = b.text_of("[data-model=deepseek-cached] td:nth-child(3)").await;
+    assert!(served.contains("cache"), "served by the cache: {served:?}");
     let attempts = b.text_of("[data-upstream=sim-flaky] td:nth-child(7)").await;
     assert!(attempts.starts_with("0.0/s"), "sim-flaky still attempted: {attempts:?}");
     let png = b.cmd(reqwest::Method::GET, "/screenshot", None).await;

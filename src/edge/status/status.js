@@ -253,7 +253,7 @@ function renderModels(d) {
     const was = before.d.models.find((x) => x.name === m.name);
     const t = m.totals, w = was ? was.totals : null;
     const diff = (f) => (w ? f(t) - f(w) : null);
-    const served = Object.keys(t.tokens_by_upstream).map((u) => [u, diff((x) => x.tokens_by_upstream[u] || 0)]);
+    const served = Object.keys(t.requests_by_upstream).map((u) => [u, diff((x) => x.requests_by_upstream[u] || 0)]);
     const all = served.reduce((a, [, n]) => a + (n || 0), 0);
     const servedText = all > 0
       ? served.filter(([, n]) => n > 0).map(([u, n]) => `${u} ${pct(n / all)}`).join(" · ")
@@ -264,7 +264,7 @@ function renderModels(d) {
         m.hedge_after ? h("div", { class: "why" }, `hedged after ${m.hedge_after}`) : null,
         m.shadowed ? h("div", { class: "why" }, "shadowed") : null),
       h("td", {}, h("ol", {}, m.targets.map((x) => h("li", {}, `${x.upstream} → ${x.model}`, h("span", { class: "muted" }, ` (priority ${x.priority}, weight ${x.weight})`))))),
-      h("td", { title: "share of tokens answered, last minute" }, servedText),
+      h("td", { title: "share of requests answered, last minute (cache: response cache hits)" }, servedText),
       h("td", {}, rate(w && diff((x) => x.requests) * perMin)),
       h("td", {}, pct(w && ratio(diff((x) => x.ok), diff((x) => x.eligible)))),
       h("td", {}, rate(w && diff((x) => x.failovers) * perMin)),
@@ -304,12 +304,33 @@ function renderComparison(d) {
   }));
 }
 
+function renderCache(d) {
+  const before = minuteAgo();
+  const last = ring[ring.length - 1];
+  const perMin = 60000 / Math.max(1, last.t - before.t);
+  const size = d.cache.entries == null ? "" : ` · ${d.cache.entries} entries, ${(d.cache.bytes / 1048576).toFixed(1)} MiB`;
+  $("#cache-meta").textContent = `${d.cache.backend}${size}`;
+  return d.cache.models.map((m) => {
+    const was = ((before.d.cache || {}).models || []).find((x) => x.model === m.model);
+    const t = m.totals, w = was ? was.totals : null;
+    const diff = (k) => (w ? t[k] - w[k] : null);
+    const lookups = (x) => x.hit + x.miss;
+    const minuteRatio = w ? ratio(diff("hit"), lookups(t) - lookups(w)) : null;
+    return h("tr", { "data-cache-model": m.model }, h("td", {}, m.model),
+      h("td", {}, pct(minuteRatio)), h("td", {}, pct(ratio(t.hit, lookups(t)))),
+      h("td", {}, rate(w && diff("hit") * perMin)),
+      h("td", {}, usd(w ? diff("saved_usd") * perMin * 60 : null)), h("td", {}, usd(t.saved_usd)),
+      h("td", {}, `${t.stored} / ${t.not_stored}`), h("td", {}, `${t.bypass} / ${t.refresh}`));
+  });
+}
+
 // Optional panels: each shows only when its section is in the JSON (a
 // feature that is off, or not built yet, has no section and no panel).
 // A new panel adds its <section id> and a renderer here.
 const PANELS = [
   ["rate_limits", (d) => d.rate_limits, renderRateLimits],
   ["shadow", (d) => d.shadow, renderShadow],
+  ["cache", (d) => d.cache && d.cache.models.length && d.cache, renderCache],
   ["comparison", (d) => d.admin && d.admin.comparison.length && d.admin.comparison, renderComparison],
   ["keys", (d) => d.admin, (d) => (d.admin.keys.length
     ? d.admin.keys.map((k) => h("li", {}, k))
