@@ -276,9 +276,90 @@ fn config() -> Criterion {
         .sample_size(50)
 }
 
+/// A chat request of about `bytes` bytes: a system prompt and a question,
+/// the bulk in the messages' text.
+fn sized_request(bytes: usize) -> Vec<u8> {
+    let filler = "The quick brown fox jumps over the lazy dog. ".repeat(bytes / 45);
+    serde_json::to_vec(&serde_json::json!({
+        "model": "deepseek-chat",
+        "temperature": 0,
+        "max_tokens": 256,
+        "messages": [
+            { "role": "system", "content": filler },
+            { "role": "user", "content": "Summarise the above in one line." },
+        ],
+    }))
+    .expect("serialises")
+}
+
+/// The response cache's cost per request: the key (parse into a value,
+/// canonical JSON, SHA-256) on every request of a cache-enabled model,
+/// beside the request parse every request pays, and a raw SHA-256 of the
+/// same bytes; and a hit's whole lookup.
+fn cache(c: &mut Criterion) {
+    use relaygate::cache::{self, Cache, Entry};
+    use relaygate::config::{CacheBackend, CacheConfig, CacheScope, CacheWhen, ModelCache};
+    let mut g = c.benchmark_group("cache");
+    let config = CacheConfig {
+        backend: CacheBackend::Memory { max_bytes: 64 << 20 },
+        max_entry_bytes: 1 << 20,
+        ttl: Duration::from_secs(600),
+        scope: CacheScope::Key,
+    };
+    let store = Cache::new(&config, &prometheus::Registry::new()).expect("cache");
+    let policy = ModelCache {
+        ttl: Duration::from_secs(600),
+        when: CacheWhen::Deterministic,
+    };
+    let model: std::sync::Arc<str> = std::sync::Arc::from("deepseek-chat");
+    let headers = http::HeaderMap::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (name, size) in [("1KiB", 1024), ("64KiB", 64 * 1024)] {
+        let body = sized_request(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        let request = cache::Request {
+            policy: &policy,
+            client: "app-a",
+            endpoint: "/chat/completions",
+            model: &model,
+            targets: &[("holysheep", "deepseek-v3.2")],
+            stream: false,
+            embeddings: false,
+            headers: &headers,
+            body: &body,
+        };
+        g.bench_function(format!("key/{name}"), |b| b.iter(|| store.plan(black_box(&request))));
+        g.bench_function(format!("request_parse/{name}"), |b| {
+            b.iter(|| request::parse(Endpoint::ChatCompletions, black_box(&body)).expect("valid"))
+        });
+        g.bench_function(format!("sha256_of_body/{name}"), |b| {
+            b.iter(|| ring::digest::digest(&ring::digest::SHA256, black_box(&body)))
+        });
+        let mut plan = store.plan(&request);
+        let answer = cache::plain_entry(
+            200,
+            Some("application/json".into()),
+            bytes::Bytes::from(vec![b'x'; 600]),
+            None,
+        );
+        store.store(&mut plan, Some(answer));
+        g.bench_function(format!("hit/{name}"), |b| {
+            b.iter(|| {
+                let plan = store.plan(black_box(&request));
+                let found: Option<std::sync::Arc<Entry>> = rt.block_on(store.get(&plan));
+                found.expect("a hit")
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = sse, usage_extraction, model_rewrite, breaker, limiter, metrics
+    targets = sse, usage_extraction, model_rewrite, breaker, limiter, metrics, cache
 }
 criterion_main!(benches);

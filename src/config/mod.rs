@@ -900,4 +900,69 @@ targets = [{ upstream = "a", priority = 2 }, { upstream = "b", priority = 1, mod
             .collect();
         assert_eq!(order, vec![(1, "m2"), (0, "m"), (0, "m")]);
     }
+
+    #[test]
+    fn cache_is_off_unless_a_model_opts_in() {
+        let c = Config::parse(MINIMAL, env).unwrap();
+        assert!(c.cache.is_none() && c.models[0].cache.is_none());
+        // A model that opts in gets the memory defaults, and [cache]'s ttl.
+        let opted = MINIMAL.replace(
+            "targets = [{ upstream = \"sim\" }]",
+            "targets = [{ upstream = \"sim\" }]\ncache = {}",
+        );
+        let c = Config::parse(&opted, env).unwrap();
+        let cache = c.cache.expect("defaults");
+        assert!(matches!(cache.backend, CacheBackend::Memory { max_bytes } if max_bytes == 256 << 20));
+        assert_eq!((cache.max_entry_bytes, cache.scope), (1 << 20, CacheScope::Key));
+        assert_eq!(
+            c.models[0].cache,
+            Some(ModelCache {
+                ttl: Duration::from_secs(600),
+                when: CacheWhen::Deterministic
+            })
+        );
+        let own_ttl = opted.replace("cache = {}", "cache = { ttl = \"30s\", when = \"always\" }");
+        let m = Config::parse(&own_ttl, env).unwrap().models[0].cache.unwrap();
+        assert_eq!((m.ttl, m.when), (Duration::from_secs(30), CacheWhen::Always));
+        // The Redis URL comes from [rate_limit] when the cache has none.
+        let shared = format!(
+            "{opted}\n[cache]\nbackend = \"redis\"\n\n[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n"
+        );
+        let c = Config::parse(&shared, env).unwrap().cache.unwrap();
+        assert!(matches!(c.backend, CacheBackend::Redis { ref key_prefix, timeout, .. }
+            if key_prefix == "relaygate" && timeout == Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn cache_errors_name_the_key() {
+        let opted = MINIMAL.replace(
+            "targets = [{ upstream = \"sim\" }]",
+            "targets = [{ upstream = \"sim\" }]\ncache = {}",
+        );
+        for (section, expected) in [
+            ("backend = \"disk\"", "cache.backend: unknown backend \"disk\" (expected memory or redis)"),
+            ("scope = \"team\"", "cache.scope: unknown scope \"team\" (expected key or global)"),
+            ("ttl = \"0s\"", "cache.ttl: must be greater than 0"),
+            ("max_bytes = 0", "cache.max_bytes: must be greater than 0"),
+            ("max_entry_bytes = 0", "cache.max_entry_bytes: must be greater than 0"),
+            ("backend = \"redis\"", "cache.redis_url: required with backend = \"redis\" (or set [rate_limit] redis_url to share it)"),
+            ("redis_url = \"redis://x\"", "cache.redis_url: set, but backend is \"memory\" (set backend = \"redis\" or remove it)"),
+            ("backend = \"redis\"\nredis_url = \"http://x\"", "cache.redis_url: not a valid Redis URL (expected redis://host:port, rediss://host:port or redis+unix:///path)"),
+            ("colour = 1", "cache.colour: unknown field `colour`"),
+        ] {
+            let e = err(&format!("{opted}\n[cache]\n{section}\n"));
+            assert!(e.starts_with(expected), "{section}: {e}");
+        }
+        let when = opted.replace("cache = {}", "cache = { when = \"sometimes\" }");
+        assert!(
+            err(&when).starts_with("models[0].cache.when: unknown value \"sometimes\""),
+            "{}",
+            err(&when)
+        );
+        // A secret in redis_url is never echoed.
+        let e = err(&format!(
+            "{opted}\n[cache]\nbackend = \"redis\"\nredis_url = \"http://:hunter2@x\"\n"
+        ));
+        assert!(!e.contains("hunter2"), "{e}");
+    }
 }
