@@ -78,6 +78,7 @@ run "alerts: severity, summary, description, runbook_url" "$PYTHON" "$HELPER" al
 run "alerts: every alert has a firing and a silent test" "$PYTHON" "$HELPER" alert-tests-cover
 run "alerts: runbook_url anchors exist in docs/runbook.md" "$PYTHON" "$HELPER" runbook-anchors
 run "rules: metric names are in the contract" "$PYTHON" "$HELPER" rule-metric-names
+run "metrics: docs/metrics.md documents exactly the contract" "$PYTHON" "$HELPER" metrics-documented
 
 # --- Alertmanager ---------------------------------------------------------
 AM_CONFIG=deploy/alertmanager/alertmanager.yml

@@ -10,6 +10,9 @@
                          verdict is "ok" or why not (no data, NaN only, an error)
     rules-health URL     exit 0 if Prometheus loaded every rule group of
                          recording.yml and alerts.yml and none is in error
+    exported URL         exit 0 if every relaygate_* name Prometheus scraped
+                         from the demo is in the metric contract (and so in
+                         docs/metrics.md, which check.sh holds to it)
 
 Run from the repository root; standard library and PyYAML only (through
 ops_checks). A query "returns data" when its result is non-empty and holds
@@ -101,11 +104,26 @@ def cmd_rules_health(url):
     return ops_checks.fail(errors)
 
 
+def cmd_exported(url):
+    try:
+        names = get(url, "/api/v1/label/__name__/values", **{"match[]": '{job="relaygate"}'})["data"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"/api/v1/label/__name__/values: {e}")
+        return 1
+    exported = {n for n in names if n.startswith("relaygate_")}
+    errors = [f"{n} is exported but not in the metric contract (tests/ops/ops_checks.py, docs/metrics.md)"
+              for n in sorted(exported - ops_checks.CONTRACT)]
+    if not errors:
+        print(f"{len(exported)} relaygate_* names exported, all in the contract")
+    return ops_checks.fail(errors)
+
+
 COMMANDS = {
     "queries": cmd_queries,
     "scraped": cmd_scraped,
     "verdicts": cmd_verdicts,
     "rules-health": cmd_rules_health,
+    "exported": cmd_exported,
 }
 
 if __name__ == "__main__":

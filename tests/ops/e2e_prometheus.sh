@@ -17,6 +17,8 @@
 #    data or MAX_TRAFFIC seconds have passed since Prometheus was ready. Then
 #    one line per query, and "e2e-prometheus: N passed, M failed"; the exit
 #    status is non-zero if M > 0.
+# 5. Every relaygate_* name the demo exports must be in the metric contract
+#    (tests/ops/ops_checks.py), which docs/metrics.md documents row by row.
 #
 # "Returns data": a non-empty result with a sample that is not NaN (see
 # tests/ops/e2e_prometheus.py). Polling, not a fixed sleep: the run ends as
@@ -203,6 +205,11 @@ if why=$("$PYTHON" "$HELPER" rules-health "$prometheus_url" 2>&1); then
     report ok prometheus "every rule group loaded, no rule in error"
 else
     report FAIL prometheus "every rule group loaded, no rule in error" "${why//$'\n'/; }"
+fi
+if why=$("$PYTHON" "$HELPER" exported "$prometheus_url" 2>&1); then
+    report ok prometheus "every exported relaygate_* name is in the metric contract"
+else
+    report FAIL prometheus "every exported relaygate_* name is in the metric contract" "${why//$'\n'/; }"
 fi
 [[ $(wc -l <"$tmp/verdicts") -eq $(wc -l <"$tmp/queries") ]] ||
     report FAIL prometheus "a verdict for every query" "$(wc -l <"$tmp/verdicts") of $(wc -l <"$tmp/queries")"

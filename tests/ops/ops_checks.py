@@ -20,6 +20,7 @@ RECORDING = Path("deploy/prometheus/recording.yml")
 ALERT_TESTS = Path("deploy/prometheus/alerts.test.yml")
 ALERTMANAGER = Path("deploy/alertmanager/alertmanager.yml")
 RUNBOOK = Path("docs/runbook.md")
+METRICS_DOC = Path("docs/metrics.md")
 DASHBOARD = Path("grafana/dashboards/relaygate.json")
 K8S = Path("deploy/k8s")
 
@@ -28,7 +29,9 @@ SEVERITY_RECEIVER = {"page": "pagerduty", "ticket": "tickets"}
 
 # The metric contract (issue 5 and the issues it cites). The alert rules and
 # the dashboard may only name these; histograms also expose _bucket, _sum
-# and _count.
+# and _count. docs/metrics.md has a row for each (metrics-documented), and
+# tests/ops/e2e_prometheus.sh fails if `relaygate demo` exports a name that
+# is not here.
 COUNTERS_AND_GAUGES = {
     "relaygate_requests_total",
     "relaygate_in_flight_requests",
@@ -53,6 +56,12 @@ COUNTERS_AND_GAUGES = {
     "relaygate_shadow_dropped_total",
     "relaygate_client_connections",
     "relaygate_client_timeouts_total",
+    "relaygate_cache_requests_total",
+    "relaygate_cache_saved_usd_total",
+    "relaygate_cache_tokens_served_total",
+    "relaygate_cache_entries",
+    "relaygate_cache_bytes",
+    "relaygate_cache_backend_errors_total",
 }
 HISTOGRAMS = {
     "relaygate_request_duration_seconds",
@@ -73,7 +82,7 @@ CONFIG_KEYS = {
     "admin": {"key"},
     "upstreams": {"name", "base_url", "api_key", "connect_timeout", "first_byte_timeout",
                   "idle_timeout", "request_timeout", "max_concurrency", "circuit_breaker"},
-    "models": {"name", "targets", "price", "hedge_after", "shadow"},
+    "models": {"name", "targets", "price", "hedge_after", "shadow", "cache"},
     "keys": {"name", "key"},
     "retry": {"max_attempts", "base_delay", "max_delay", "budget_ratio", "min_retries_per_second",
               "retry_after_cap"},
@@ -86,9 +95,11 @@ CONFIG_KEYS = {
     "health": {"window", "degraded_below", "unhealthy_below"},
     "ledger": {"path", "capacity"},
     "otel": {"endpoint", "service_name"},
+    "cache": {"backend", "redis_url", "redis_timeout", "max_bytes", "max_entry_bytes", "ttl", "scope"},
 }
 TARGET_KEYS = {"upstream", "model", "priority", "weight"}
 PRICE_KEYS = {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok"}
+MODEL_CACHE_KEYS = {"ttl", "when"}
 
 
 def load(path):
@@ -272,8 +283,34 @@ def check_dashboard():
             errors.append(f"dashboard: variable {name} is missing or not a label_values query")
     texts = [e for _, e in exprs] + [v.get("definition", "") for v in variables.values()]
     errors += unknown_names(texts, "dashboard")
+    errors += layout_errors(dash["panels"])
     print(f"{len(exprs)} dashboard queries, rows {sorted(rows)}")
     return fail(errors)
+
+
+def layout_errors(panels):
+    """Panel ids are unique, and no two panels share a grid cell (Grafana
+    would silently push one down) or cross the 24-column edge."""
+    errors, ids, cells = [], {}, {}
+    for p in panels:
+        where = f"dashboard: panel {p.get('id')} {p.get('title')!r}"
+        if p.get("id") in ids:
+            errors.append(f"{where}: id already used by {ids[p['id']]!r}")
+        ids[p.get("id")] = p.get("title")
+        g = p.get("gridPos") or {}
+        if not all(isinstance(g.get(k), int) for k in ("h", "w", "x", "y")):
+            errors.append(f"{where}: gridPos {g} is not h, w, x, y")
+            continue
+        if g["x"] < 0 or g["x"] + g["w"] > 24:
+            errors.append(f"{where}: gridPos {g} crosses the 24-column grid")
+        overlaps = {cells[(x, y)] for x in range(g["x"], g["x"] + g["w"])
+                    for y in range(g["y"], g["y"] + g["h"]) if (x, y) in cells}
+        for other in sorted(overlaps):
+            errors.append(f"{where}: overlaps panel {other!r}")
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                cells[(x, y)] = p.get("title")
+    return errors
 
 
 def unknown_names(texts, where):
@@ -295,6 +332,24 @@ def check_rule_metric_names():
     texts = [r["expr"] for g in load(RECORDING)["groups"] for r in g["rules"]]
     texts += [r["expr"] for r in alert_rules()]
     return fail(unknown_names(texts, "rules"))
+
+
+def documented_metrics():
+    """The relaygate_* names in the first column of docs/metrics.md's tables."""
+    return {m for line in METRICS_DOC.read_text().splitlines()
+            for m in re.findall(r"^\|\s*`(relaygate_[a-z0-9_]+)`\s*\|", line)}
+
+
+def check_metrics_documented():
+    """Every metric of the contract has a row in docs/metrics.md, and every
+    row names a metric of the contract (histograms by their base name)."""
+    documented = documented_metrics()
+    contract = COUNTERS_AND_GAUGES | HISTOGRAMS
+    errors = [f"{METRICS_DOC}: no row for {name}" for name in sorted(contract - documented)]
+    errors += [f"{METRICS_DOC}: {name} is not in the metric contract (tests/ops/ops_checks.py)"
+               for name in sorted(documented - contract)]
+    print(f"{len(documented)} metrics documented, {len(contract)} in the contract")
+    return fail(errors)
 
 
 def k8s_docs(directory):
@@ -433,6 +488,8 @@ def config_key_errors(where, cfg):
                     errors.append(f"{where}: unknown key models.targets.{key}")
             for key in set(table.get("price", {}) if section == "models" else {}) - PRICE_KEYS:
                 errors.append(f"{where}: unknown key models.price.{key}")
+            for key in set(table.get("cache", {}) if section == "models" else {}) - MODEL_CACHE_KEYS:
+                errors.append(f"{where}: unknown key models.cache.{key}")
     return errors
 
 
@@ -445,6 +502,7 @@ CHECKS = {
     "dashboard": check_dashboard,
     "dashboard-rules": dashboard_rules,
     "rule-metric-names": check_rule_metric_names,
+    "metrics-documented": check_metrics_documented,
     "podmonitor": check_podmonitor,
     "k8s-config": check_k8s_config,
     "extract-configs": extract_configs,
