@@ -273,7 +273,7 @@ def check_dashboard():
     dash, exprs = dashboard_exprs()
     errors = []
     rows = {p["title"] for p in dash["panels"] if p["type"] == "row"}
-    for row in ("Overview", "Upstreams", "Rate limiting", "Tokens and cost", "Gateway"):
+    for row in ("Overview", "Upstreams", "Rate limiting", "Tokens and cost", "Gateway", "Response cache"):
         if row not in rows:
             errors.append(f"dashboard: no row {row!r}")
     variables = {v["name"]: v for v in dash["templating"]["list"]}
