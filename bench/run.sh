@@ -8,6 +8,8 @@
 #   bench/run.sh --ab OLD   # OLD (another relaygate binary) and this build:
 #                           # saturation alternating 5 times, then RSS per
 #                           # open stream alternating 3 times
+#   bench/run.sh --cache    # the response cache: CPU and instructions per
+#                           # request for a hit, a miss and the proxy path
 #
 # Core 1 runs the proxy under test (nginx or relaygate, `taskset -c 1`);
 # core 0 runs the load generator and the simulated upstream. Everything
@@ -20,16 +22,18 @@ BENCH="$ROOT/bench"
 QUICK=0
 BUILD=1
 AB_OLD=""
+CACHE=0
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
+    --cache) CACHE=1 ;;
     --ab)
       AB_OLD="${2:-}"
       [ -x "$AB_OLD" ] || { echo "bench: --ab needs an executable relaygate binary" >&2; exit 2; }
       shift
       ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -52,7 +56,7 @@ BODY='{"model":"deepseek-chat","max_tokens":64,"messages":[{"role":"user","conte
 need() { command -v "$1" >/dev/null || { echo "bench: $1 not found: $2" >&2; exit 1; }; }
 export PATH="$PATH:$HOME/.cargo/bin"
 # --ab measures saturation only (wrk); the full run also needs oha.
-[ -n "$AB_OLD" ] || need oha "cargo install oha --locked"
+[ -n "$AB_OLD" ] || [ "$CACHE" = 1 ] || need oha "cargo install oha --locked"
 need wrk "apt-get install wrk"
 need nginx "apt-get install nginx"
 need taskset "apt-get install util-linux"
@@ -304,10 +308,10 @@ print(json.dumps({
 }))'
 }
 
-saturate() { # URL [PIDS] -> wrk's JSON on stdout, with proxy_cpu_s: the PIDS' CPU time over the run
-  local url="$1" pids="${2:-}" cpu_before=0 cpu_after=0 raw
+saturate() { # URL [PIDS] [LUA] -> wrk's JSON on stdout, with proxy_cpu_s: the PIDS' CPU time over the run
+  local url="$1" pids="${2:-}" lua="${3:-$TMP/post.lua}" cpu_before=0 cpu_after=0 raw
   [ -n "$pids" ] && cpu_before="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
-  raw="$(load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$TMP/post.lua" "$url" | sed -n 's/^WRKJSON //p')"
+  raw="$(load wrk -t1 -c"$WRK_CONNS" -d"$SAT_FOR" -s "$lua" "$url" | sed -n 's/^WRKJSON //p')"
   [ -n "$pids" ] && cpu_after="$(python3 "$BENCH/bench.py" cpu ${pids//,/ })"
   python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["proxy_cpu_s"] = float(sys.argv[3]) - float(sys.argv[2]); print(json.dumps(d))' \
     "$raw" "$cpu_before" "$cpu_after"
@@ -338,6 +342,86 @@ FAST_ADDR="$SIM_ADDR"
 start_sim slow --chunks 3 --stall-after 0 # one event, then silence until killed
 SLOW_ADDR="$SIM_ADDR"
 write_relaygate_config
+
+if [ "$CACHE" = 1 ]; then
+  # The response cache (issue 16), this build only: the same pair of
+  # upstreams behind the cache and not, with the same body (after the first
+  # request, every cached one is a hit) and with a body that changes on
+  # every request (0 % hits: every cached one is a miss that is stored).
+  cat >>"$TMP/relaygate.toml" <<TOML
+
+[[models]]
+name = "deepseek-cached"
+targets = [{ upstream = "fast-a", priority = 0 }, { upstream = "fast-b", priority = 1 }]
+price = { input_per_mtok = 0.28, output_per_mtok = 0.42, cached_input_per_mtok = 0.028 }
+cache = { when = "always" }
+
+[cache]
+max_bytes = 268435456
+TOML
+  for model in deepseek-chat deepseek-cached; do
+    for vary in same varying; do
+      sed "s/deepseek-chat/$model/" "$TMP/post.lua" >"$TMP/$model-$vary.lua"
+      # A body per request: a counter makes each one unique (wrk -t1).
+      [ "$vary" = same ] || cat >>"$TMP/$model-$vary.lua" <<'LUA'
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = wrk.body:gsub("Say hello", "Say hello " .. counter)
+  return wrk.format(nil, nil, nil, body)
+end
+LUA
+    done
+  done
+  path_name() { case "$1-$2" in
+    deepseek-chat-same) echo "proxy" ;; deepseek-chat-varying) echo "proxy, body varies" ;;
+    deepseek-cached-same) echo "cache hit" ;; deepseek-cached-varying) echo "cache miss (0 % hits)" ;; esac; }
+  echo "relaygate response cache, $(date -u +%Y-%m-%dT%H:%M:%SZ): wrk -t1 -c$WRK_CONNS for $SAT_FOR, proxy on core $PROXY_CORE"
+  echo
+  echo "| round | path | req/s | proxy CPU per request, µs |"
+  echo "|---|---|---|---|"
+  for round in 1 2 3; do
+    for model in deepseek-chat deepseek-cached; do
+      for vary in same varying; do
+        start_relaygate
+        url="http://$RELAYGATE_ADDR/v1/chat/completions"
+        load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/$model-$vary.lua" "$url" >/dev/null
+        python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+assert d["errors"] == 0, d
+print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",.0f"), d["proxy_cpu_s"] / d["requests"] * 1e6))' \
+          "$(saturate "$url" "$RELAYGATE_PID" "$TMP/$model-$vary.lua")" "$round" "$(path_name "$model" "$vary")"
+        stop "$RELAYGATE_PID"
+      done
+    done
+  done
+  if command -v callgrind_control >/dev/null; then
+    echo
+    echo "| round | path | user-space instructions per request (callgrind) |"
+    echo "|---|---|---|"
+    for round in 1 2; do
+      for model in deepseek-chat deepseek-cached; do
+        for vary in same varying; do
+          out="$TMP/callgrind-$model-$vary-$round.out"
+          RELAYGATE_WRAP="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$out" start_relaygate
+          url="http://$RELAYGATE_ADDR/v1/chat/completions"
+          # The first request of the same body stores the entry: count after it.
+          load wrk -t1 -c1 -d1s -s "$TMP/$model-$vary.lua" "$url" >/dev/null
+          callgrind_control -i on "$RELAYGATE_PID" >/dev/null
+          requests="$(load wrk -t1 -c8 -d"$SAT_FOR" -s "$TMP/$model-$vary.lua" "$url" \
+            | sed -n 's/^WRKJSON //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests"])')"
+          callgrind_control -i off "$RELAYGATE_PID" >/dev/null
+          stop "$RELAYGATE_PID"
+          python3 -c 'import sys
+lines = open(sys.argv[1]).read().splitlines()
+total = next(int(l.split()[1]) for l in lines if l.startswith("totals:"))
+print("| %s | %s | %s |" % (sys.argv[3], sys.argv[4], format(round(total / int(sys.argv[2])), ",")))' \
+            "$out" "$requests" "$round" "$(path_name "$model" "$vary")"
+        done
+      done
+    done
+  fi
+  exit 0
+fi
 
 if [ -n "$AB_OLD" ]; then
   # Two relaygate binaries against the same simulator, alternating, so that

@@ -5,26 +5,35 @@
 //! tree for TLS. Each part of the input is length-prefixed, so no two
 //! different inputs can concatenate to the same bytes.
 //!
-//! The body goes in as canonical JSON: object keys sorted, no whitespace,
-//! strings in serde_json's escaping, and a number with an integral value
-//! (`0`, `0.0`, `0e5`) written as an integer. So two bodies that are equal
-//! as JSON hit the same entry, and any change to any field misses, unknown
-//! fields included. Only `stream_options` (relaygate sets `include_usage`
-//! itself and strips the usage chunk on replay) and `user` (an end-user id
-//! for the upstream's abuse tracking, not an input to the answer) are left
-//! out, and only at the top level.
+//! The body goes in as canonical JSON: object members sorted by key, no
+//! whitespace, strings in serde_json's escaping, and a number with an
+//! integral value (`0`, `0.0`, `0e5`) written as an integer. So two bodies
+//! that are equal as JSON hit the same entry, and any change to any field
+//! misses, unknown fields included. Only `stream_options` (relaygate sets
+//! `include_usage` itself and strips the usage chunk on replay) and `user`
+//! (an end-user id for the upstream's abuse tracking, not an input to the
+//! answer) are left out, and only at the top level.
+//!
+//! The canonical form is written in one pass over the body's bytes, not
+//! through a `serde_json::Value`: building the tree (a `String` per string,
+//! a map per object) cost four times the hash (criterion `cache/key`).
+//! Strings without an escape, nearly all of them, are copied as they are,
+//! which is already serde_json's escaping of them.
 
-use std::io::Write;
+use std::ops::Range;
 
 use ring::digest::{Context, SHA256};
-use serde_json::Value;
 
 /// Bumped whenever what goes into the key, or what an entry holds, changes,
 /// so that old entries in a shared Redis are never read by a new build.
 pub const FORMAT_VERSION: &str = "relaygate-cache-v1";
 
 /// Top-level body fields that do not change the answer.
-const IGNORED: [&str; 2] = ["stream_options", "user"];
+const IGNORED: [&[u8]; 2] = [b"\"stream_options\"", b"\"user\""];
+
+/// Deeper than this, the body is not canonicalised (not cached): serde's
+/// own limit, which `request::parse` has already applied.
+const MAX_DEPTH: usize = 128;
 
 /// A cache key: the SHA-256 of the request's inputs.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -55,128 +64,264 @@ pub struct KeyParts<'a> {
     pub stream: bool,
 }
 
-/// The key of a request whose body parsed as `body`.
-pub fn key(parts: &KeyParts<'_>, body: &Value) -> Key {
-    let mut h = Hasher(Context::new(&SHA256));
-    h.field(FORMAT_VERSION.as_bytes());
-    h.field(parts.scope.as_bytes());
-    h.field(parts.endpoint.as_bytes());
-    h.field(parts.model.as_bytes());
-    h.field(&(parts.targets.len() as u64).to_le_bytes());
+/// A body in canonical form, and what the cache's `when` needs from it.
+pub struct Canonical {
+    pub bytes: Vec<u8>,
+    /// `temperature` is 0, or a non-null `seed` is set.
+    pub deterministic: bool,
+}
+
+/// The canonical form of a JSON body; `None` if it is not one JSON value
+/// (or nests deeper than serde allows).
+pub fn canonical(body: &[u8]) -> Option<Canonical> {
+    let mut w = Writer {
+        src: body,
+        pos: 0,
+        out: Vec::with_capacity(body.len()),
+        scratch: Vec::new(),
+        temperature_zero: false,
+        seed: false,
+    };
+    w.value(0)?;
+    w.skip_ws();
+    (w.pos == body.len()).then_some(Canonical {
+        deterministic: w.temperature_zero || w.seed,
+        bytes: w.out,
+    })
+}
+
+/// The key of a request whose body is `body` in canonical form.
+pub fn key(parts: &KeyParts<'_>, body: &[u8]) -> Key {
+    let mut h = Context::new(&SHA256);
+    let mut field = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(FORMAT_VERSION.as_bytes());
+    field(parts.scope.as_bytes());
+    field(parts.endpoint.as_bytes());
+    field(parts.model.as_bytes());
+    field(&(parts.targets.len() as u64).to_le_bytes());
     for (upstream, model) in parts.targets {
-        h.field(upstream.as_bytes());
-        h.field(model.as_bytes());
+        field(upstream.as_bytes());
+        field(model.as_bytes());
     }
-    h.field(if parts.stream { b"stream" } else { b"plain" });
-    // The body last and unprefixed: nothing follows it.
-    write_body(&mut h, body);
-    let digest = h.0.finish();
+    field(if parts.stream { b"stream" } else { b"plain" });
+    field(body);
+    let digest = h.finish();
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     Key(out)
 }
 
-/// The canonical JSON of a body: what `key` hashes after its prefix.
-pub fn canonical(body: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_body(&mut out, body);
-    out
+/// Writes the canonical form of `src` into `out`, value by value.
+struct Writer<'a> {
+    src: &'a [u8],
+    pos: usize,
+    out: Vec<u8>,
+    /// Where an object's members are put in order before going back.
+    scratch: Vec<u8>,
+    temperature_zero: bool,
+    seed: bool,
 }
 
-/// The body's canonical JSON, less the top-level fields in `IGNORED`.
-fn write_body(w: &mut impl Write, body: &Value) {
-    match body {
-        Value::Object(map) => {
-            let mut kept: Vec<(&String, &Value)> = map.iter().filter(|(k, _)| !IGNORED.contains(&k.as_str())).collect();
-            kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            write_object(w, kept);
+impl Writer<'_> {
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.src.get(self.pos) {
+            self.pos += 1;
         }
-        other => write_canonical(w, other),
     }
-}
 
-struct Hasher(Context);
-
-impl Hasher {
-    fn field(&mut self, bytes: &[u8]) {
-        self.0.update(&(bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.src.get(self.pos).copied()
     }
-}
 
-impl Write for Hasher {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn write_object(w: &mut impl Write, members: Vec<(&String, &Value)>) {
-    let _ = w.write_all(b"{");
-    for (i, (k, v)) in members.into_iter().enumerate() {
-        if i > 0 {
-            let _ = w.write_all(b",");
+    fn value(&mut self, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
         }
-        write_string(w, k);
-        let _ = w.write_all(b":");
-        write_canonical(w, v);
+        match self.peek()? {
+            b'{' => self.object(depth),
+            b'[' => self.array(depth),
+            b'"' => self.string(),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number(),
+        }
     }
-    let _ = w.write_all(b"}");
-}
 
-fn write_string(w: &mut impl Write, s: &str) {
-    // Writing a `str` as JSON fails only if the writer does; neither of
-    // relaygate's writers (a hasher, a Vec) can.
-    let _ = serde_json::to_writer(&mut *w, s);
-}
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.src.get(self.pos..)?.starts_with(word).then_some(())?;
+        self.pos += word.len();
+        self.out.extend_from_slice(word);
+        Some(())
+    }
 
-fn write_canonical(w: &mut impl Write, v: &Value) {
-    match v {
-        Value::Null => {
-            let _ = w.write_all(b"null");
+    fn array(&mut self, depth: usize) -> Option<()> {
+        self.pos += 1;
+        self.out.push(b'[');
+        if self.peek()? == b']' {
+            self.pos += 1;
+            self.out.push(b']');
+            return Some(());
         }
-        Value::Bool(b) => {
-            let _ = w.write_all(if *b { b"true" } else { b"false" });
-        }
-        Value::Number(n) => write_number(w, n),
-        Value::String(s) => write_string(w, s),
-        Value::Array(items) => {
-            let _ = w.write_all(b"[");
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    let _ = w.write_all(b",");
+        loop {
+            self.value(depth + 1)?;
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.out.push(b',');
                 }
-                write_canonical(w, item);
+                b']' => {
+                    self.pos += 1;
+                    self.out.push(b']');
+                    return Some(());
+                }
+                _ => return None,
             }
-            let _ = w.write_all(b"]");
-        }
-        Value::Object(map) => {
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            write_object(w, members);
         }
     }
-}
 
-/// Integers as themselves; a float with an integral value that an f64
-/// holds exactly as an integer; any other float in serde_json's shortest
-/// round-trip form.
-fn write_number(w: &mut impl Write, n: &serde_json::Number) {
-    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
-    if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
-        if f.fract() == 0.0 && f.abs() < EXACT {
-            let _ = write!(w, "{}", f as i64);
-            return;
+    /// Members are written where they stand, then put in order by their
+    /// canonical key (a deterministic, one-to-one function of the key, so
+    /// as good an order as the decoded one) if they are not in it already.
+    /// Duplicate keys are all kept, in their order: a body with one is not
+    /// equal to a body without it.
+    fn object(&mut self, depth: usize) -> Option<()> {
+        self.pos += 1;
+        let start = self.out.len();
+        self.out.push(b'{');
+        // (key, whole member) as ranges of `out`.
+        let mut members: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            self.out.push(b'}');
+            return Some(());
         }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let member_start = self.out.len();
+            self.string()?;
+            let key = member_start..self.out.len();
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.pos += 1;
+            self.out.push(b':');
+            let value_start = self.out.len();
+            self.value(depth + 1)?;
+            if depth == 0 && !self.top_level_member(key.clone(), value_start) {
+                self.out.truncate(member_start);
+            } else {
+                members.push((key, member_start..self.out.len()));
+            }
+            match self.peek()? {
+                b',' => self.pos += 1,
+                b'}' => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        let sorted = members
+            .windows(2)
+            .all(|w| self.out[w[0].0.clone()] <= self.out[w[1].0.clone()]);
+        let out = &self.out;
+        if !sorted {
+            members.sort_by(|a, b| out[a.0.clone()].cmp(&out[b.0.clone()]));
+        }
+        self.scratch.clear();
+        for (i, (_, member)) in members.iter().enumerate() {
+            if i > 0 {
+                self.scratch.push(b',');
+            }
+            self.scratch.extend_from_slice(&self.out[member.clone()]);
+        }
+        self.out.truncate(start + 1);
+        self.out.extend_from_slice(&self.scratch);
+        self.out.push(b'}');
+        Some(())
     }
-    let _ = write!(w, "{n}");
+
+    /// A top-level member: whether it is kept, noting what `when` needs.
+    fn top_level_member(&mut self, key: Range<usize>, value_start: usize) -> bool {
+        let (key, value) = (&self.out[key], &self.out[value_start..]);
+        if IGNORED.contains(&key) {
+            return false;
+        }
+        if key == b"\"temperature\"" {
+            self.temperature_zero = value == b"0";
+        } else if key == b"\"seed\"" {
+            self.seed = value != b"null";
+        }
+        true
+    }
+
+    /// A string, copied when it has no escape (then it is already in
+    /// serde_json's form); decoded and written again by serde_json when it
+    /// has one, so `"\u00e9"`, `"\u00E9"` and `"é"` are one string.
+    fn string(&mut self) -> Option<()> {
+        let start = self.pos;
+        let mut i = start + 1;
+        let mut escaped = false;
+        loop {
+            i += memchr::memchr2(b'"', b'\\', self.src.get(i..)?)?;
+            if self.src[i] == b'"' {
+                break;
+            }
+            escaped = true;
+            i += 2; // the backslash and the character it escapes
+        }
+        self.pos = i + 1;
+        let raw = &self.src[start..self.pos];
+        if escaped {
+            let decoded: String = serde_json::from_slice(raw).ok()?;
+            serde_json::to_writer(&mut self.out, &decoded).ok()?;
+        } else {
+            self.out.extend_from_slice(raw);
+        }
+        Some(())
+    }
+
+    /// Integers as they are (`-0` as `0`); a number with a fraction or an
+    /// exponent as an integer when its value is one that an f64 holds
+    /// exactly, else in the shortest form that reads back as the same f64.
+    fn number(&mut self) -> Option<()> {
+        let start = self.pos;
+        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.src.get(self.pos) {
+            self.pos += 1;
+        }
+        let token = std::str::from_utf8(&self.src[start..self.pos]).ok()?;
+        if token.is_empty() {
+            return None;
+        }
+        if !token.contains(['.', 'e', 'E']) {
+            self.out
+                .extend_from_slice(if token == "-0" { b"0" } else { token.as_bytes() });
+            return Some(());
+        }
+        const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+        let f: f64 = token.parse().ok()?;
+        if f.fract() == 0.0 && f.abs() < EXACT {
+            self.out
+                .extend_from_slice(itoa::Buffer::new().format(f as i64).as_bytes());
+        } else {
+            let n = serde_json::Number::from_f64(f)?;
+            self.out.extend_from_slice(n.to_string().as_bytes());
+        }
+        Some(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn parts(stream: bool) -> KeyParts<'static> {
@@ -189,8 +334,12 @@ mod tests {
         }
     }
 
+    fn canon(body: &str) -> String {
+        String::from_utf8(canonical(body.as_bytes()).expect("valid JSON").bytes).unwrap()
+    }
+
     fn k(body: &str) -> Key {
-        key(&parts(false), &serde_json::from_str(body).unwrap())
+        key(&parts(false), &canonical(body.as_bytes()).unwrap().bytes)
     }
 
     #[test]
@@ -200,6 +349,7 @@ mod tests {
             "messages" : [ { "content" : "h\u00e9", "role" : "user" } ], "model" : "m", "user": "u-17",
             "stream_options": {"include_usage": true} }"#);
         assert_eq!(a, b);
+        assert_eq!(k(r#"{"n":1e2,"x":"\/"}"#), k(r#"{"x":"/","n":100}"#));
     }
 
     #[test]
@@ -221,18 +371,21 @@ mod tests {
             let changed = base.replacen('{', &format!(r#"{{"{field}":{value},"#), 1);
             assert_ne!(k(&changed), base_key, "{field} must be in the key");
         }
-        // A changed value of one sampling field misses too.
         assert_ne!(k(&base.replace(r#""temperature":0"#, r#""temperature":0.7"#)), base_key);
-        // Nested `user` (a message's name) is the input, not the ignored top-level field.
+        // A nested `user` (not the top-level field) is input.
         assert_ne!(
             k(&base.replace(r#""role":"user""#, r#""role":"user","user":"x""#)),
             base_key
         );
+        // Array order is meaning; a duplicate key is a difference.
+        assert_ne!(k(r#"{"a":[1,2]}"#), k(r#"{"a":[2,1]}"#));
+        assert_ne!(k(r#"{"a":1,"a":2}"#), k(r#"{"a":2}"#));
+        assert_ne!(k(r#"{"a":1,"a":2}"#), k(r#"{"a":2,"a":1}"#));
     }
 
     #[test]
     fn the_request_around_the_body_counts() {
-        let body: Value = serde_json::from_str(r#"{"model":"m","messages":[]}"#).unwrap();
+        let body = canonical(br#"{"model":"m","messages":[]}"#).unwrap().bytes;
         let base = key(&parts(false), &body);
         assert_ne!(
             key(&parts(true), &body),
@@ -258,12 +411,139 @@ mod tests {
 
     #[test]
     fn canonical_form() {
-        let v: Value =
-            serde_json::from_str(r#"{"b":[1.0, 2.5, -0.0, 1e2],"a":{"z":null,"y":"\u0041"},"user":"x"}"#).unwrap();
         assert_eq!(
-            String::from_utf8(canonical(&v)).unwrap(),
-            r#"{"a":{"y":"A","z":null},"b":[1,2.5,0,100]}"#
+            canon(r#" {"b":[1.0, 2.5, -0.0, 1e2, -0, 12, 1.5e300],"a":{"z":null,"y":"\u0041\n"},"user":"x"} "#),
+            r#"{"a":{"y":"A\n","z":null},"b":[1,2.5,0,100,0,12,1.5e+300]}"#
         );
+        assert_eq!(canon("[]"), "[]");
+        assert_eq!(canon("{ }"), "{}");
+        assert_eq!(canon(r#""a\"b""#), r#""a\"b""#);
+        for bad in [
+            "",
+            "{",
+            r#"{"a":}"#,
+            r#"{"a" 1}"#,
+            "[1,]",
+            "tru",
+            "1 2",
+            r#""open"#,
+            r#"{"a":1,}"#,
+        ] {
+            assert!(canonical(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert!(canonical(deep.as_bytes()).is_none(), "deeper than serde's limit");
         assert_eq!(k(r#"{"model":"m"}"#).hex().len(), 64);
+    }
+
+    #[test]
+    fn deterministic_requests() {
+        let d = |s: &str| canonical(s.as_bytes()).unwrap().deterministic;
+        assert!(d(r#"{"temperature":0}"#));
+        assert!(d(r#"{"temperature":0.0}"#));
+        assert!(d(r#"{"temperature": -0e3}"#));
+        assert!(d(r#"{"temperature":0.7,"seed":3}"#));
+        assert!(!d(r#"{"temperature":0.7}"#));
+        assert!(!d(r#"{"seed":null}"#));
+        assert!(!d(r#"{"x":{"temperature":0}}"#), "only the top level");
+        assert!(!d(r#"{}"#), "the default temperature is not 0");
+    }
+
+    /// A canonical form built through serde_json's `Value` (keys sorted as
+    /// decoded strings): the same as the one-pass form wherever keys need no
+    /// escape (where the two orders agree).
+    fn reference(v: &Value) -> String {
+        {
+            match v {
+                Value::Object(map) => {
+                    let mut members: Vec<(&String, &Value)> = map.iter().collect();
+                    members.sort_by(|a, b| a.0.cmp(b.0));
+                    let inner: Vec<String> = members
+                        .iter()
+                        .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), reference(v)))
+                        .collect();
+                    format!("{{{}}}", inner.join(","))
+                }
+                Value::Array(items) => format!("[{}]", items.iter().map(reference).collect::<Vec<_>>().join(",")),
+                Value::Number(n) if n.is_f64() => {
+                    let f = n.as_f64().unwrap();
+                    if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                        (f as i64).to_string()
+                    } else {
+                        n.to_string()
+                    }
+                }
+                other => other.to_string(),
+            }
+        }
+    }
+
+    #[test]
+    fn agrees_with_a_value_tree() {
+        let bodies = [
+            r#"{"model":"deepseek-chat","messages":[{"role":"system","content":"Be brief.\nReally."},{"role":"user","content":"Ünïcödé \u2603 \ud83d\ude00"}],"temperature":0.2,"max_tokens":64,"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"b":{"type":"number"},"a":{"type":"string"}}}}}],"stop":null,"n":1,"top_p":1.0,"logprobs":false}"#,
+            r#"{"input":["one","two",""],"model":"text-embedding-3-small","dimensions":256,"encoding_format":"float"}"#,
+            r#"{"z":[[],{},[{}],{"y":[1,-2,3.25,4e-3]}],"a":"\t\"quoted\"\\"}"#,
+        ];
+        for body in bodies {
+            let v: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(canon(body), reference(&v), "{body}");
+            // And again after a round trip through serde's own writer.
+            let rewritten = serde_json::to_string_pretty(&v).unwrap();
+            assert_eq!(canon(&rewritten), canon(body));
+        }
+    }
+
+    proptest::proptest! {
+        /// Any JSON value, written compact, pretty, or with its object
+        /// members reversed, has one canonical form, and it is the
+        /// `Value` tree's.
+        #[test]
+        fn one_canonical_form_per_value(v in json_value()) {
+            let compact = serde_json::to_string(&v).unwrap();
+            let pretty = serde_json::to_string_pretty(&v).unwrap();
+            let reversed = reversed_members(&v);
+            let c = canon(&compact);
+            proptest::prop_assert_eq!(&c, &canon(&pretty));
+            proptest::prop_assert_eq!(&c, &canon(&reversed));
+            proptest::prop_assert_eq!(&c, &reference(&v));
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            "[a-z0-9 \\\"\n\u{e9}\u{2603}]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// `v` written with every object's members in reverse order.
+    fn reversed_members(v: &Value) -> String {
+        match v {
+            Value::Object(map) => {
+                let members: Vec<String> = map
+                    .iter()
+                    .rev()
+                    .map(|(k, v)| format!("{}: {}", serde_json::to_string(k).unwrap(), reversed_members(v)))
+                    .collect();
+                format!("{{ {} }}", members.join(" , "))
+            }
+            Value::Array(items) => format!(
+                "[{}]",
+                items.iter().map(reversed_members).collect::<Vec<_>>().join(", ")
+            ),
+            other => other.to_string(),
+        }
     }
 }

@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
-use serde_json::Value;
 
 use crate::config::{CacheBackend, CacheConfig, CacheScope, CacheWhen, ModelCache};
 use crate::usage::Usage;
@@ -158,10 +157,10 @@ impl Cache {
     /// Decides what the request may do with the cache, and computes its key.
     pub fn plan(&self, r: &Request<'_>) -> Plan {
         let (no_store, no_cache, max_age) = cache_control(r.headers);
-        let body: Option<Value> = serde_json::from_slice(r.body).ok();
+        let body = key::canonical(r.body);
         let eligible = body
             .as_ref()
-            .is_some_and(|b| r.embeddings || r.policy.when == CacheWhen::Always || deterministic(b));
+            .is_some_and(|b| r.embeddings || r.policy.when == CacheWhen::Always || b.deterministic);
         let mode = match () {
             _ if no_store || !eligible => Mode::Bypass,
             _ if no_cache => Mode::Refresh,
@@ -179,8 +178,9 @@ impl Cache {
                     targets: r.targets,
                     stream: r.stream,
                 },
-                body,
+                &body.bytes,
             ),
+            // A bypass has no key: it neither reads nor writes.
             _ => Key([0; 32]),
         };
         Plan {
@@ -228,8 +228,12 @@ impl Cache {
         deadline: tokio::time::Instant,
     ) -> Result<Option<Arc<Entry>>, ()> {
         let found = self.lookup_inner(plan, stream, deadline).await;
-        if let Ok(Some(_)) = found {
-            plan.result = CacheResult::Hit;
+        match found {
+            Ok(Some(_)) => plan.result = CacheResult::Hit,
+            // It waited out its deadline and never went upstream: nothing
+            // to store, so no `not_stored`.
+            Err(()) => plan.settled = true,
+            Ok(None) => {}
         }
         self.metrics.count(&plan.model, plan.result);
         found
@@ -352,13 +356,6 @@ impl Cache {
     pub fn flights_in_progress(&self) -> usize {
         self.flights.len()
     }
-}
-
-/// `temperature` 0, or a `seed`: the request asks for a repeatable answer.
-fn deterministic(body: &Value) -> bool {
-    let temperature_zero = body.get("temperature").and_then(Value::as_f64) == Some(0.0);
-    let seed = body.get("seed").is_some_and(|s| !s.is_null());
-    temperature_zero || seed
 }
 
 /// The request's `Cache-Control`: (no-store, no-cache, max-age). Directive
@@ -510,17 +507,6 @@ mod tests {
         assert_eq!(cache_control(&headers("max-age=30, private")), (false, false, Some(30)));
         assert_eq!(cache_control(&headers("max-age=\"5\"")), (false, false, Some(5)));
         assert_eq!(cache_control(&headers("max-age=soon")), (false, false, None));
-    }
-
-    #[test]
-    fn deterministic_requests() {
-        let v = |s: &str| serde_json::from_str::<Value>(s).unwrap();
-        assert!(deterministic(&v(r#"{"temperature":0}"#)));
-        assert!(deterministic(&v(r#"{"temperature":0.0}"#)));
-        assert!(deterministic(&v(r#"{"temperature":0.7,"seed":3}"#)));
-        assert!(!deterministic(&v(r#"{"temperature":0.7}"#)));
-        assert!(!deterministic(&v(r#"{"seed":null}"#)));
-        assert!(!deterministic(&v(r#"{}"#)), "the default temperature is not 0");
     }
 
     #[test]

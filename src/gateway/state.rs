@@ -234,8 +234,11 @@ impl AppState {
                 if rule_names(&runtime.config) != rule_names(&inner.runtime.load().config) {
                     tracing::warn!("rate limit rules changed: they apply at the next start, not on reload");
                 }
-                if runtime.config.cache.is_some() && inner.cache.is_none() {
-                    tracing::warn!("[cache] added: it applies at the next start, not on reload");
+                // Debug, not the config itself: the Redis URL is a secret and
+                // prints redacted, so a changed URL alone goes unnoticed here.
+                let cache = |c: &Config| format!("{:?}", c.cache);
+                if cache(&runtime.config) != cache(&inner.runtime.load().config) {
+                    tracing::warn!("[cache] changed: it applies at the next start, not on reload");
                 }
                 preregister(&inner.metrics, inner.cache.as_deref(), &runtime);
                 inner.runtime.store(Arc::new(runtime));
