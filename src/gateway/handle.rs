@@ -31,7 +31,8 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use tower_http::request_id::RequestId;
 
-use crate::cache::{self, Cache, Capture, Entry};
+use super::cached::Lookup;
+use crate::cache::{self, Capture};
 use crate::error::{clip, GatewayError};
 use crate::gateway::record::RequestRecord;
 use crate::gateway::state::{AppState, Runtime};
@@ -118,7 +119,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
     }
 }
 
-enum Proxied {
+pub(super) enum Proxied {
     Full {
         status: StatusCode,
         headers: http::HeaderMap,
@@ -189,50 +190,26 @@ async fn run(
     // One deadline for the whole request: the first target's request_timeout.
     let deadline = started + route.targets[0].upstream.config.request_timeout;
 
+    // The response cache: a hit answers here; a miss carries its plan to
+    // the store.
     let limiter = state.limiter();
-    let mut plan = None;
-    if let (Some(cache), Some(policy)) = (state.cache(), &model.config.cache) {
-        let targets: Vec<(&str, &str)> = route
-            .targets
-            .iter()
-            .map(|t| (&*t.upstream.name, t.model.as_str()))
-            .collect();
-        let mut p = cache.plan(&cache::Request {
-            policy,
-            client: &key,
-            endpoint: endpoint.upstream_path(),
-            model: &route.label,
-            targets: &targets,
-            stream: parsed.stream,
-            embeddings: endpoint == Endpoint::Embeddings,
-            headers: &parts.headers,
-            body: &body,
-        });
-        let found = cache.lookup(&mut p, parsed.stream, deadline).await;
-        record.set_cache(p.result);
-        match found {
-            Ok(None) => plan = Some((cache.clone(), p)),
-            Ok(Some(entry)) => {
-                if limiter.has_rules() {
-                    record.set_admission(limiter.admit_cache_hit(&key).await?);
-                }
-                return Ok(serve_hit(
-                    cache,
-                    &entry,
-                    &parsed,
-                    model.config.price,
-                    &route.label,
-                    record,
-                ));
-            }
-            Err(()) => {
-                return Err(GatewayError::UpstreamTimeout {
-                    upstream: route.targets[0].upstream.name.to_string(),
-                    kind: crate::error::TimeoutKind::Request,
-                })
-            }
-        }
-    }
+    let plan = match super::cached::look_up(
+        state,
+        model,
+        endpoint,
+        &parts.headers,
+        &body,
+        &parsed,
+        &key,
+        deadline,
+        record,
+    )
+    .await?
+    {
+        Lookup::Hit(answer) => return Ok(answer),
+        Lookup::Miss(plan) => Some(plan),
+        Lookup::Off => None,
+    };
 
     // Key, model and global rate limits, once per request (queue rules may
     // wait here, bounded; a client that leaves drops out of the queue).
@@ -354,43 +331,7 @@ async fn run(
     }
 }
 
-/// A cache hit: the stored answer, a stream's usage chunk stripped unless
-/// the client asked for usage (as on a miss). No upstream, no tokens bought.
-fn serve_hit(
-    cache: &Cache,
-    entry: &Entry,
-    parsed: &request::ParsedRequest,
-    price: Option<crate::config::Price>,
-    model: &str,
-    record: &mut RequestRecord,
-) -> Proxied {
-    let usage = entry.usage.unwrap_or_default();
-    let saved = price.map_or(0.0, |p| usage.cost(&p));
-    cache.metrics.served(model, &usage, saved);
-    record.served_from_cache(saved);
-    let body = if entry.stream && parsed.inject_usage {
-        crate::sse::strip_usage_only(entry.body.clone())
-    } else {
-        entry.body.clone()
-    };
-    let mut headers = http::HeaderMap::new();
-    if let Some(ct) = entry
-        .content_type
-        .as_deref()
-        .and_then(|ct| HeaderValue::from_str(ct).ok())
-    {
-        headers.insert(header::CONTENT_TYPE, ct);
-    }
-    headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
-    Proxied::Full {
-        status: StatusCode::from_u16(entry.status).unwrap_or(StatusCode::OK),
-        headers,
-        body,
-        upstream: HeaderValue::from_static("cache"),
-    }
-}
-
-fn content_type(headers: &http::HeaderMap) -> Option<String> {
+pub(super) fn content_type(headers: &http::HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -3,6 +3,7 @@
 //! request's record (`record`).
 
 pub mod auth;
+mod cached;
 pub mod handle;
 pub mod record;
 pub mod state;
