@@ -306,8 +306,9 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
             info.done = true;
             continue;
         }
-        info.text_bytes += usage::generated_text_bytes(data);
-        if USAGE_KEY.find(data).is_some() {
+        let scan = usage::scan(data);
+        info.text_bytes += scan.text_bytes;
+        if scan.mentions_usage {
             if let Ok(Some(u)) = usage::from_json(data) {
                 info.usage = Some(u);
             }

@@ -283,15 +283,19 @@ impl<'a> Scan<'a> {
 /// colon: chat deltas and messages (`content`), reasoning as DeepSeek
 /// (`reasoning_content`) and others (`reasoning`) send it, tool-call
 /// arguments, and completions' `text`.
-const TEXT_KEYS: [&[u8]; 5] = [
+/// And, last, `"usage"`: not text, but found in the same pass, so that an
+/// event is parsed for its usage only when it mentions it.
+const SCAN_KEYS: [&[u8]; 6] = [
     b"\"content\"",
     b"\"reasoning_content\"",
     b"\"reasoning\"",
     b"\"arguments\"",
     b"\"text\"",
+    USAGE_KEY_BYTES,
 ];
+const USAGE_PATTERN: usize = 5;
 
-/// The five keys found in one pass: aho-corasick's Teddy, a SIMD
+/// The six keys found in one pass: aho-corasick's Teddy, a SIMD
 /// multi-pattern searcher, where the CPU has what it needs (x86-64 with
 /// SSSE3, aarch64), else its general automaton. Built once. On a 230-byte
 /// chat chunk (criterion `usage/generated_text_bytes`) Teddy took 46 ns,
@@ -303,7 +307,7 @@ enum KeySearch {
 }
 
 static KEY_SEARCH: std::sync::LazyLock<KeySearch> =
-    std::sync::LazyLock::new(|| match aho_corasick::packed::Searcher::new(TEXT_KEYS) {
+    std::sync::LazyLock::new(|| match aho_corasick::packed::Searcher::new(SCAN_KEYS) {
         Some(teddy) => KeySearch::Teddy(teddy),
         None => automaton(),
     });
@@ -312,13 +316,13 @@ fn automaton() -> KeySearch {
     KeySearch::Automaton(
         aho_corasick::AhoCorasick::builder()
             .match_kind(aho_corasick::MatchKind::LeftmostFirst)
-            .build(TEXT_KEYS)
-            .expect("five short patterns"),
+            .build(SCAN_KEYS)
+            .expect("six short patterns"),
     )
 }
 
 /// Bytes of generated text in a JSON answer or chunk: the decoded UTF-8
-/// length of every string value of a `TEXT_KEYS` key, whatever the JSON
+/// length of every string value of a text key (`SCAN_KEYS` but `"usage"`), whatever the JSON
 /// whitespace. A value that is not a string (`null`, an array of parts)
 /// counts 0.
 ///
@@ -326,10 +330,25 @@ fn automaton() -> KeySearch {
 /// preceded by `{` or `,` (whitespace aside) is a key, since quotes inside
 /// strings are escaped.
 pub fn generated_text_bytes(json: &[u8]) -> u64 {
-    text_bytes_with(&KEY_SEARCH, json)
+    scan(json).text_bytes
 }
 
-fn text_bytes_with(search: &KeySearch, json: &[u8]) -> u64 {
+/// What one pass over a JSON event finds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EventScan {
+    /// As `generated_text_bytes`.
+    pub text_bytes: u64,
+    /// The bytes `"usage"` appear: the event may carry a usage object.
+    pub mentions_usage: bool,
+}
+
+/// The generated text of a JSON event, and whether it mentions `"usage"`,
+/// in one pass.
+pub fn scan(json: &[u8]) -> EventScan {
+    scan_with(&KEY_SEARCH, json)
+}
+
+fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
     let value_at = |start: usize, end: usize| -> u64 {
         let opener = json[..start].trim_ascii_end().last();
         let after = json[end..].trim_ascii_start();
@@ -341,10 +360,23 @@ fn text_bytes_with(search: &KeySearch, json: &[u8]) -> u64 {
             None => 0,
         }
     };
+    let mut out = EventScan::default();
+    let mut found = |pattern: usize, start: usize, end: usize| {
+        if pattern == USAGE_PATTERN {
+            out.mentions_usage = true;
+        } else {
+            out.text_bytes += value_at(start, end);
+        }
+    };
     match search {
-        KeySearch::Teddy(teddy) => teddy.find_iter(json).map(|m| value_at(m.start(), m.end())).sum(),
-        KeySearch::Automaton(any) => any.find_iter(json).map(|m| value_at(m.start(), m.end())).sum(),
+        KeySearch::Teddy(teddy) => teddy
+            .find_iter(json)
+            .for_each(|m| found(m.pattern().as_usize(), m.start(), m.end())),
+        KeySearch::Automaton(any) => any
+            .find_iter(json)
+            .for_each(|m| found(m.pattern().as_usize(), m.start(), m.end())),
     }
+    out
 }
 
 /// The UTF-8 length of a JSON string's value, given the bytes after its
@@ -587,7 +619,7 @@ mod tests {
             br#"{"reasoning":"ab","content":[{"type":"text","text":"cd"}]}"#,
             br#"{"note":"\"content\": \"no\""}"#,
         ] {
-            assert_eq!(text_bytes_with(&fallback, json), generated_text_bytes(json));
+            assert_eq!(scan_with(&fallback, json), scan(json));
             assert!(generated_text_bytes(json) > 0 || json.starts_with(br#"{"note""#));
         }
     }
