@@ -244,6 +244,28 @@ async fn streams_replay_byte_for_byte_with_reasoning_and_tool_call_deltas() {
 }
 
 #[tokio::test]
+async fn embeddings_are_cached_without_a_temperature() {
+    let sim = Sim::start("a", Faults::default()).await.unwrap();
+    let gw = gateway(&sim, "{}", "").await;
+    let body = json!({ "model": "deepseek-chat", "input": ["the same document"] });
+    let first = post_v1(&gw, "/embeddings", &body).await;
+    assert_eq!(first.headers()["x-relaygate-cache"], "miss");
+    let first = first.bytes().await.unwrap();
+    let second = post_v1(&gw, "/embeddings", &body).await;
+    assert_eq!(
+        second.headers()["x-relaygate-cache"],
+        "hit",
+        "when = deterministic does not apply"
+    );
+    assert_eq!(second.bytes().await.unwrap(), first);
+    // A chat request without temperature 0 or a seed is not cached by that rule.
+    let mut warm = question("the same document", false);
+    warm.as_object_mut().unwrap().remove("temperature");
+    assert_eq!(send(&gw, CLIENT_KEY, &warm, None).await.cache, "bypass");
+    assert_eq!(sim.stats().requests, 2);
+}
+
+#[tokio::test]
 async fn entries_expire_after_their_ttl() {
     let sim = Sim::start("a", Faults::default()).await.unwrap();
     let gw = gateway(&sim, r#"{ ttl = "2s" }"#, r#"ttl = "1h""#).await;
