@@ -255,6 +255,9 @@ EOF
 }
 
 start_relaygate() { # [BINARY] -> RELAYGATE_ADDR, RELAYGATE_PID; RELAYGATE_WRAP: a command to run it under
+  # Removed first: the shell truncates it in the child, after this script
+  # may already have read the previous run's address from it.
+  rm -f "$TMP/relaygate.out"
   taskset -c "$PROXY_CORE" ${RELAYGATE_WRAP:-} "${1:-$BIN/relaygate}" serve --config "$TMP/relaygate.toml" --listen 127.0.0.1:0 \
     </dev/null >"$TMP/relaygate.out" 2>>"$TMP/relaygate.log" &
   RELAYGATE_PID=$!
@@ -348,6 +351,8 @@ if [ "$CACHE" = 1 ]; then
   # upstreams behind the cache and not, with the same body (after the first
   # request, every cached one is a hit) and with a body that changes on
   # every request (0 % hits: every cached one is a miss that is stored).
+  # BENCH_CACHE_MAX_BYTES bounds the cache (default 256 MiB, which 10 s of
+  # misses do not fill: the cache grows through the whole run).
   cat >>"$TMP/relaygate.toml" <<TOML
 
 [[models]]
@@ -357,7 +362,7 @@ price = { input_per_mtok = 0.28, output_per_mtok = 0.42, cached_input_per_mtok =
 cache = { when = "always" }
 
 [cache]
-max_bytes = 268435456
+max_bytes = ${BENCH_CACHE_MAX_BYTES:-268435456}
 TOML
   for model in deepseek-chat deepseek-cached; do
     for vary in same varying; do

@@ -1,9 +1,17 @@
 //! The memory backend: moka's concurrent cache, bounded by the total weight
 //! of its entries (`max_bytes`), each entry with its model's TTL.
+//!
+//! LRU, not moka's default TinyLFU: TinyLFU may refuse a new entry when the
+//! cache is full (its estimated frequency is lower than the victim's), so
+//! an answer counted `stored` would miss at once; and the frequency sketch
+//! it keeps cost a miss more than the lookup itself (perf, 0 % hits). Keys
+//! are SHA-256 digests already, so the map hashes them by taking 8 of their
+//! bytes rather than running SipHash over all 32.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
 
@@ -32,7 +40,37 @@ impl Expiry<Key, Stored> for PerEntryTtl {
 
 #[derive(Clone)]
 pub struct Memory {
-    cache: Cache<Key, Stored>,
+    cache: Cache<Key, Stored, DigestHash>,
+}
+
+/// Hashes a `Key` (a SHA-256 digest, uniformly distributed) to 8 of its
+/// bytes.
+#[derive(Clone, Default)]
+pub struct DigestHash;
+
+impl std::hash::BuildHasher for DigestHash {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // `Key` derives Hash: one write of its 32 bytes (after nothing else;
+        // arrays hash without a length prefix).
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl Memory {
@@ -41,8 +79,9 @@ impl Memory {
             .max_capacity(max_bytes)
             .weigher(|_: &Key, v: &Stored| u32::try_from(v.entry.weight()).unwrap_or(u32::MAX))
             .expire_after(PerEntryTtl)
+            .eviction_policy(EvictionPolicy::lru())
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(DigestHash);
         Self { cache }
     }
 
