@@ -78,15 +78,9 @@ impl Policy<Call, Answer, AttemptError> for FailoverPolicy {
             Verdict::Auth => (ErrorType::Auth, false),
             Verdict::Skip(e) => (e, false),
             Verdict::RateLimited => {
-                let hint = match result {
-                    Ok(Answer {
-                        reply: Reply::Full { headers, .. },
-                        ..
-                    }) => retry_after_hint(headers),
-                    _ => None,
-                };
-                let cooldown = hint.unwrap_or(DEFAULT_COOLDOWN).min(retry.retry_after_cap);
-                req.upstream().state.cool_for(cooldown);
+                req.upstream()
+                    .state
+                    .cool_for(cooldown_after(result, retry.retry_after_cap));
                 (ErrorType::RateLimited, false)
             }
         };
@@ -136,6 +130,19 @@ impl Policy<Call, Answer, AttemptError> for FailoverPolicy {
             }
         }))
     }
+}
+
+/// How long a 429 cools its upstream: its hint (`Retry-After` and the
+/// like), else `DEFAULT_COOLDOWN`, at most `cap` (`retry.retry_after_cap`).
+pub fn cooldown_after(result: &Result<Answer, AttemptError>, cap: Duration) -> Duration {
+    let hint = match result {
+        Ok(Answer {
+            reply: Reply::Full { headers, .. },
+            ..
+        }) => retry_after_hint(headers),
+        _ => None,
+    };
+    hint.unwrap_or(DEFAULT_COOLDOWN).min(cap)
 }
 
 /// Full jitter: uniform in `[0, min(max, base * 2^(attempts-1)))`.

@@ -82,8 +82,19 @@ impl UpstreamState {
 
     /// Time left on a 429 cooldown (zero when none).
     pub fn cooldown(&self) -> Duration {
+        let until = self.cooldown_until.load(Ordering::Acquire);
+        if until == 0 {
+            // Never cooled (or cleared): no clock read, on every pick of every target.
+            return Duration::ZERO;
+        }
         let now = self.base.elapsed().as_millis() as u64;
-        Duration::from_millis(self.cooldown_until.load(Ordering::Acquire).saturating_sub(now))
+        if until <= now {
+            // Over: back to the fast path (a newer cooldown wins the race).
+            let _ = self
+                .cooldown_until
+                .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        Duration::from_millis(until.saturating_sub(now))
     }
 
     pub fn clear_cooldown(&self) {
@@ -291,14 +302,33 @@ impl Upstream {
     /// Whether a new attempt could go here now: breaker, 429 cooldown and
     /// concurrency all allow it.
     pub fn available(&self) -> bool {
-        self.state.breaker.available()
-            && self.state.cooldown().is_zero()
-            && self.limit.as_ref().is_none_or(|l| l.available_permits() > 0)
+        self.healthy() && self.has_capacity()
+    }
+
+    /// Whether its breaker and 429 cooldown allow an attempt now.
+    pub fn healthy(&self) -> bool {
+        self.state.breaker.available() && self.state.cooldown().is_zero()
+    }
+
+    /// Whether `max_concurrency` has a slot free now.
+    pub fn has_capacity(&self) -> bool {
+        self.limit.as_ref().is_none_or(|l| l.available_permits() > 0)
     }
 
     /// Sends one attempt and reads it up to the point where it can no longer
     /// fail over: the whole body, or a stream's first event.
     pub async fn send(&self, attempt: Attempt, max_response_bytes: usize) -> Result<Reply, AttemptError> {
+        self.send_timed(attempt, max_response_bytes, &mut None).await
+    }
+
+    /// `send`, noting when the response headers arrived in `headers_at`
+    /// (a plain answer's time to first byte, for latency routing).
+    pub async fn send_timed(
+        &self,
+        attempt: Attempt,
+        max_response_bytes: usize,
+        headers_at: &mut Option<Instant>,
+    ) -> Result<Reply, AttemptError> {
         let first_byte_at = (Instant::now() + self.config.first_byte_timeout).min(attempt.deadline);
         let timeout_kind = |at: Instant| {
             if at < attempt.deadline {
@@ -337,6 +367,7 @@ impl Upstream {
             }
             Ok(Ok(r)) => r,
         };
+        *headers_at = Some(Instant::now());
 
         let status = response.status();
         let (parts, body) = response.into_parts();
