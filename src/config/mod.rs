@@ -354,6 +354,11 @@ struct RawModel {
     hedge_after: Option<String>,
     shadow: Option<RawShadow>,
     cache: Option<RawModelCache>,
+    routing: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    routing_decay: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    max_ttft: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,6 +385,8 @@ struct RawTarget {
     priority: u32,
     #[serde(default = "d_weight")]
     weight: u32,
+    /// Overrides the model's price (`routing = "cost"` ranks by it).
+    price: Option<Price>,
 }
 
 fn d_weight() -> u32 {
@@ -633,6 +640,52 @@ pub struct ModelConfig {
     pub shadow: Option<ShadowConfig>,
     /// Off (`None`) unless the model opts in.
     pub cache: Option<ModelCache>,
+    pub routing: Routing,
+}
+
+/// How a model chooses among its targets (docs/routing.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Routing {
+    pub strategy: Strategy,
+    /// The half-life of the TTFT estimates and failure penalties
+    /// (`routing_decay`, default 10 s).
+    pub decay: Duration,
+    /// `cost` only: the cheapest target whose estimate is under this.
+    pub max_ttft: Option<Duration>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Priority,
+            decay: Duration::from_secs(10),
+            max_ttft: None,
+        }
+    }
+}
+
+/// `routing`: a closed set, so also a metric label
+/// (`relaygate_route_picks_total{strategy}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// The lowest priority with an available target, by weight within it.
+    Priority,
+    /// Power of two choices over peak-EWMA time to first token.
+    Latency,
+    /// The cheapest available target (under `max_ttft`, when set).
+    Cost,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::Priority, Strategy::Latency, Strategy::Cost];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Priority => "priority",
+            Strategy::Latency => "latency",
+            Strategy::Cost => "cost",
+        }
+    }
 }
 
 /// A model's shadow: a share of its requests mirrored, in the background, to
@@ -658,6 +711,8 @@ pub struct TargetConfig {
     pub model: String,
     pub priority: u32,
     pub weight: u32,
+    /// The target's own price, else the model's.
+    pub price: Option<Price>,
 }
 
 /// USD per million tokens.
@@ -668,6 +723,15 @@ pub struct Price {
     pub output_per_mtok: f64,
     #[serde(default)]
     pub cached_input_per_mtok: Option<f64>,
+}
+
+impl Price {
+    /// One figure to rank targets by (`routing = "cost"`): USD per million
+    /// tokens blended 3:1 input to output, the convention of public price
+    /// comparisons (a chat request reads more than it writes).
+    pub fn blended(&self) -> f64 {
+        (3.0 * self.input_per_mtok + self.output_per_mtok) / 4.0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -869,6 +933,84 @@ targets = [{ upstream = "sim" }]
             "targets = [{ upstream = \"sim\" }]\nhedge_after = \"1s\"",
         );
         assert_eq!(err(&one), "models[0].hedge_after: hedging needs at least two targets");
+    }
+
+    #[test]
+    fn routing_defaults_and_forms() {
+        let c = Config::parse(MINIMAL, env).unwrap();
+        assert_eq!(c.models[0].routing, Routing::default());
+        assert_eq!(c.models[0].routing.strategy, Strategy::Priority);
+        let two = |model_keys: &str| {
+            format!(
+                "{}\n[[upstreams]]\nname = \"b\"\nbase_url = \"http://127.0.0.1:2\"\n",
+                MINIMAL.replace(
+                    "targets = [{ upstream = \"sim\" }]",
+                    &format!("targets = [{{ upstream = \"sim\" }}, {{ upstream = \"b\", price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }} }}]\n{model_keys}"),
+                )
+            )
+        };
+        let c = Config::parse(&two("routing = \"latency\"\nrouting_decay = \"30s\""), env).unwrap();
+        let r = c.models[0].routing;
+        assert_eq!(
+            (r.strategy, r.decay, r.max_ttft),
+            (Strategy::Latency, Duration::from_secs(30), None)
+        );
+        assert_eq!(c.models[0].targets[0].price, None);
+        assert_eq!(c.models[0].targets[1].price.unwrap().output_per_mtok, 2.0);
+        // A target's price overrides the model's; the others inherit it.
+        let priced =
+            two("routing = \"cost\"\nmax_ttft = \"800ms\"\nprice = { input_per_mtok = 4.0, output_per_mtok = 4.0 }");
+        let c = Config::parse(&priced, env).unwrap();
+        let m = &c.models[0];
+        assert_eq!(m.routing.max_ttft, Some(Duration::from_millis(800)));
+        assert_eq!(m.routing.decay, Duration::from_secs(10));
+        assert_eq!(m.targets[0].price.unwrap().input_per_mtok, 4.0);
+        assert_eq!(m.targets[1].price.unwrap().blended(), 1.25);
+    }
+
+    #[test]
+    fn routing_errors_name_the_key() {
+        let with = |keys: &str| {
+            MINIMAL.replace(
+                "targets = [{ upstream = \"sim\" }]",
+                &format!("targets = [{{ upstream = \"sim\" }}]\n{keys}"),
+            )
+        };
+        assert_eq!(
+            err(&with("routing = \"fastest\"")),
+            "models[0].routing: unknown strategy \"fastest\" (expected \"priority\", \"latency\" or \"cost\")"
+        );
+        assert_eq!(
+            err(&with("routing_decay = \"5s\"")),
+            "models[0].routing_decay: applies only with routing = \"latency\" or \"cost\""
+        );
+        assert_eq!(
+            err(&with("routing = \"latency\"\nmax_ttft = \"1s\"")),
+            "models[0].max_ttft: applies only with routing = \"cost\""
+        );
+        assert_eq!(
+            err(&with("routing = \"latency\"\nrouting_decay = \"0s\"")),
+            "models[0].routing_decay: must be at least 100ms"
+        );
+        assert!(err(&with("routing = \"latency\"\nrouting_decay = \"soon\""))
+            .starts_with("models[0].routing_decay: invalid duration"));
+        // `cost` needs a price for every target: the error names the target.
+        let e = err(&with("routing = \"cost\""));
+        assert!(
+            e.starts_with("models[0].targets[0].price: routing = \"cost\" ranks targets by price, and target \"sim\" (model \"deepseek-chat\") has none"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace(
+            "targets = [{ upstream = \"sim\" }]",
+            "routing = \"cost\"\ntargets = [{ upstream = \"sim\", price = { input_per_mtok = 1.0, output_per_mtok = 1.0 } }, { upstream = \"sim\", model = \"other-model\", priority = 1 }]",
+        ));
+        assert!(e.starts_with("models[0].targets[1].price: "), "{e}");
+        assert!(e.contains("\"other-model\""), "{e}");
+        let e = err(&MINIMAL.replace(
+            "targets = [{ upstream = \"sim\" }]",
+            "targets = [{ upstream = \"sim\", price = { input_per_mtok = -1.0, output_per_mtok = 1.0 } }]",
+        ));
+        assert_eq!(e, "models[0].targets[0].price: prices must be finite and not negative");
     }
 
     #[test]

@@ -155,6 +155,8 @@ impl RawConfig {
             if m.targets.is_empty() {
                 return Err(ConfigError::at(&at("targets"), "at least one target is required"));
             }
+            let routing = validate_routing(&m, i)?;
+            check_price(&at("price"), m.price.as_ref())?;
             let mut targets = Vec::with_capacity(m.targets.len());
             for (j, t) in m.targets.into_iter().enumerate() {
                 let at = |key: &str| format!("models[{i}].targets[{j}].{key}");
@@ -171,20 +173,27 @@ impl RawConfig {
                 if model.is_empty() {
                     return Err(ConfigError::at(&at("model"), "must not be empty"));
                 }
+                check_price(&at("price"), t.price.as_ref())?;
+                let price = t.price.or(m.price);
+                if routing.strategy == Strategy::Cost && price.is_none() {
+                    return Err(ConfigError::at(
+                        &at("price"),
+                        format!(
+                            "routing = \"cost\" ranks targets by price, and target {:?} (model {:?}) has none, \
+                             nor has the model (set price on the target or on the model)",
+                            t.upstream, model
+                        ),
+                    ));
+                }
                 targets.push(TargetConfig {
                     upstream,
                     model,
                     priority: t.priority,
                     weight: t.weight,
+                    price,
                 });
             }
             targets.sort_by_key(|t| t.priority);
-            if let Some(p) = &m.price {
-                let prices = [Some(p.input_per_mtok), Some(p.output_per_mtok), p.cached_input_per_mtok];
-                if prices.into_iter().flatten().any(|v| !v.is_finite() || v < 0.0) {
-                    return Err(ConfigError::at(&at("price"), "prices must be finite and not negative"));
-                }
-            }
             let hedge = match m.hedge_after.as_deref().map(str::trim) {
                 None => None,
                 Some("p95") => Some(Hedge::P95),
@@ -256,6 +265,7 @@ impl RawConfig {
                 hedge,
                 shadow,
                 cache: None,
+                routing,
             });
         }
 
@@ -444,6 +454,53 @@ fn validate_cache(
         ttl: raw.ttl,
         scope,
     }))
+}
+
+/// `routing`, `routing_decay` and `max_ttft` of model `i`.
+fn validate_routing(m: &RawModel, i: usize) -> Result<Routing, ConfigError> {
+    let at = |key: &str| format!("models[{i}].{key}");
+    let strategy = match m.routing.as_deref().map(str::trim) {
+        None | Some("priority") => Strategy::Priority,
+        Some("latency") => Strategy::Latency,
+        Some("cost") => Strategy::Cost,
+        Some(other) => {
+            return Err(ConfigError::at(
+                &at("routing"),
+                format!("unknown strategy {other:?} (expected \"priority\", \"latency\" or \"cost\")"),
+            ))
+        }
+    };
+    if strategy == Strategy::Priority && m.routing_decay.is_some() {
+        return Err(ConfigError::at(
+            &at("routing_decay"),
+            "applies only with routing = \"latency\" or \"cost\"",
+        ));
+    }
+    if strategy != Strategy::Cost && m.max_ttft.is_some() {
+        return Err(ConfigError::at(&at("max_ttft"), "applies only with routing = \"cost\""));
+    }
+    let decay = m.routing_decay.unwrap_or(Routing::default().decay);
+    if decay < Duration::from_millis(100) {
+        return Err(ConfigError::at(&at("routing_decay"), "must be at least 100ms"));
+    }
+    if m.max_ttft.is_some_and(|d| d.is_zero()) {
+        return Err(ConfigError::at(&at("max_ttft"), "must be greater than 0"));
+    }
+    Ok(Routing {
+        strategy,
+        decay,
+        max_ttft: m.max_ttft,
+    })
+}
+
+fn check_price(path: &str, price: Option<&Price>) -> Result<(), ConfigError> {
+    if let Some(p) = price {
+        let prices = [Some(p.input_per_mtok), Some(p.output_per_mtok), p.cached_input_per_mtok];
+        if prices.into_iter().flatten().any(|v| !v.is_finite() || v < 0.0) {
+            return Err(ConfigError::at(path, "prices must be finite and not negative"));
+        }
+    }
+    Ok(())
 }
 
 fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
