@@ -18,6 +18,7 @@ use crate::gateway::auth::ClientKeys;
 use crate::outcome::Outcome;
 use crate::ratelimit::Limiter;
 use crate::shadow::Shadow;
+use crate::stack::balance::LoadRegistry;
 use crate::stack::Route;
 use crate::telemetry::comparison::Comparison;
 use crate::telemetry::ledger::Ledger;
@@ -52,10 +53,12 @@ pub struct Model {
 }
 
 /// Upstream health by upstream name, kept across config reloads so that a
-/// reload does not forget an open breaker or a 429 cooldown.
+/// reload does not forget an open breaker or a 429 cooldown; and the
+/// routing estimates of latency- and cost-routed targets, for the same reason.
 #[derive(Default)]
 pub struct UpstreamRegistry {
     states: Mutex<HashMap<String, Arc<UpstreamState>>>,
+    pub loads: LoadRegistry,
 }
 
 impl UpstreamRegistry {
@@ -116,7 +119,14 @@ impl Runtime {
                 let targets: Vec<usize> = m.targets.iter().map(|t| t.upstream).collect();
                 Model {
                     config: m.clone(),
-                    route: Arc::new(Route::new(m, &upstreams, &config.retry, max_response_bytes, metrics)),
+                    route: Arc::new(Route::new(
+                        m,
+                        &upstreams,
+                        &config.retry,
+                        max_response_bytes,
+                        metrics,
+                        &registry.loads,
+                    )),
                     metrics: Arc::new(ModelMetrics::new(metrics, &m.name, &upstream_names, &targets)),
                     shadow: m.shadow.as_ref().map(|s| {
                         let upstream = upstreams[s.upstream].clone();

@@ -3,12 +3,15 @@
 
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tower::Service;
 
-use super::call::{Answer, AttemptError, BoxFuture, Call};
-use crate::outcome::ErrorType;
+use super::balance::Settled;
+use super::call::{classify, Answer, AttemptError, BoxFuture, Call};
+use super::retry::cooldown_after;
+use crate::outcome::{ErrorType, Verdict};
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::otel::{new_span_id, AttemptSpan};
 use crate::upstream::{Attempt, Reply, Upstream};
@@ -52,7 +55,13 @@ impl Service<Call> for AttemptService {
                 started: Instant::now(),
                 done: false,
             };
-            let result = upstream.send(attempt, ctx.route.max_response_bytes).await;
+            // Latency and cost routing: waiting, then in flight (dropped
+            // unsettled when this future is, as a lost hedge is).
+            let pending = ctx.route.begin(call.target);
+            let mut headers_at = None;
+            let result = upstream
+                .send_timed(attempt, ctx.route.max_response_bytes, &mut headers_at)
+                .await;
             let started = guard.started;
             if let (Some(span), Some((_, spans))) = (span, &ctx.trace) {
                 spans.lock().unwrap_or_else(|e| e.into_inner()).push(attempt_span(
@@ -75,15 +84,55 @@ impl Service<Call> for AttemptService {
                 }
                 Err(e) => guard.finish(e.status, e.error_type),
             }
-            result.map(|reply| Answer {
+            let mut result = result.map(|reply| Answer {
                 reply,
                 target: call.target,
                 started,
                 permit: None,
                 admission: None,
                 ticket: None,
-            })
+                in_flight: None,
+            });
+            if let Some(pending) = pending {
+                let how = settled(
+                    &result,
+                    headers_at.map(|at| at - started),
+                    ctx.route.retry.retry_after_cap,
+                );
+                let in_flight = ctx.route.settle(call.target, pending, how);
+                if let Ok(
+                    answer @ Answer {
+                        reply: Reply::Stream { .. },
+                        ..
+                    },
+                ) = &mut result
+                {
+                    answer.in_flight = in_flight;
+                }
+            }
+            result
         })
+    }
+}
+
+/// What an attempt's result teaches its target's estimate (`balance`), by
+/// the table in `outcome`: a success is a sample, at the headers of a plain
+/// answer and the first event of a stream; a failure, a 401/403 (a key the
+/// upstream refuses fails every request over) and a timeout at the
+/// request's deadline are penalties; a 429 holds it for its cooldown.
+fn settled(result: &Result<Answer, AttemptError>, headers_after: Option<Duration>, cap: Duration) -> Settled {
+    match classify(result) {
+        Verdict::Success => match result {
+            Ok(Answer {
+                reply: Reply::Stream { .. },
+                ..
+            }) => Settled::FirstByte(None),
+            _ => Settled::FirstByte(headers_after),
+        },
+        Verdict::Failure(_) | Verdict::Auth => Settled::Failure,
+        Verdict::RateLimited => Settled::RateLimited(cooldown_after(result, cap)),
+        Verdict::Final if matches!(result, Err(e) if e.error_type == ErrorType::Timeout) => Settled::Failure,
+        Verdict::Final | Verdict::Neutral | Verdict::Skip(_) => Settled::Neutral,
     }
 }
 

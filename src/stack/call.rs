@@ -11,6 +11,7 @@ use http::HeaderMap;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::balance::InFlight;
 use super::route::{Route, Target};
 use crate::error::{GatewayError, TimeoutKind};
 use crate::outcome::{Status, Verdict};
@@ -75,6 +76,9 @@ pub struct Answer {
     /// A committed stream's breaker verdict, owed when the stream ends
     /// (`circuit`): the attempt counts once, as what it turned out to be.
     pub ticket: Option<Ticket>,
+    /// With latency or cost routing, a committed stream counts in flight on
+    /// its target until it ends (`balance`).
+    pub in_flight: Option<InFlight>,
 }
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Answer, AttemptError>> + Send>>;

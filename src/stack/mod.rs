@@ -37,6 +37,7 @@
 //! `gateway::handle`; upstream-scoped limits are checked per attempt.
 
 pub mod attempt;
+pub mod balance;
 pub mod call;
 pub mod circuit;
 pub mod hedge;

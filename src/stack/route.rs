@@ -5,10 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntCounter;
+use prometheus::{Gauge, IntCounter};
+use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 
-use crate::config::{Hedge, ModelConfig, RetryConfig};
+use super::balance::{Balancer, InFlight, LoadRegistry, Pending, Settled, TargetLoad};
+use crate::config::{Hedge, ModelConfig, Price, RetryConfig, Routing};
 use crate::error::GatewayError;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -20,6 +22,8 @@ pub struct Target {
     pub model: String,
     pub priority: u32,
     pub weight: u32,
+    /// Its own price, else the model's.
+    pub price: Option<Price>,
 }
 
 pub struct Route {
@@ -38,16 +42,25 @@ pub struct Route {
     failovers: Vec<Vec<Option<IntCounter>>>,
     /// `relaygate_hedges_total{model,result}`: won, lost.
     hedges: Option<[IntCounter; 2]>,
+    pub routing: Routing,
+    /// The estimates and picks of `latency` and `cost`; `None` for `priority`.
+    balancer: Option<Balancer>,
+    /// `relaygate_route_picks_total{model,upstream,strategy}`, by target.
+    picks: Vec<IntCounter>,
+    /// `relaygate_target_load{model,upstream}`, by target, with a balancer.
+    load_gauges: Vec<Gauge>,
 }
 
 impl Route {
-    /// `upstreams`: every configured upstream, in config order.
+    /// `upstreams`: every configured upstream, in config order; `loads`:
+    /// the estimates that outlive a reload.
     pub fn new(
         model: &ModelConfig,
         upstreams: &[Arc<Upstream>],
         retry: &RetryConfig,
         max_response_bytes: usize,
         metrics: &Metrics,
+        loads: &LoadRegistry,
     ) -> Self {
         let targets: Vec<Target> = model
             .targets
@@ -57,8 +70,30 @@ impl Route {
                 model: t.model.clone(),
                 priority: t.priority,
                 weight: t.weight,
+                price: t.price,
             })
             .collect();
+        let strategy = model.routing.strategy.as_str();
+        let picks = targets
+            .iter()
+            .map(|t| {
+                metrics
+                    .route_picks
+                    .with_label_values(&[model.name.as_str(), &t.upstream.name, strategy])
+            })
+            .collect();
+        let balancer = Balancer::new(&model.name, &model.routing, &targets, loads);
+        let load_gauges = match balancer {
+            None => Vec::new(),
+            Some(_) => targets
+                .iter()
+                .map(|t| {
+                    metrics
+                        .target_load
+                        .with_label_values(&[model.name.as_str(), &t.upstream.name])
+                })
+                .collect(),
+        };
         let failovers = targets
             .iter()
             .map(|from| {
@@ -86,12 +121,42 @@ impl Route {
             max_response_bytes,
             failovers,
             hedges,
+            routing: model.routing,
+            balancer,
+            picks,
+            load_gauges,
         }
     }
 
-    /// A target for the next attempt: the lowest priority among the
-    /// available targets that pass `keep`, by weight within that priority.
+    /// A target for the next attempt among the available targets that pass
+    /// `keep`, by the model's `routing`; counted in
+    /// `relaygate_route_picks_total`.
     pub fn pick(&self, keep: impl Fn(&Target) -> bool) -> Option<usize> {
+        match &self.balancer {
+            None => self.count_pick(self.pick_by_priority(keep)),
+            Some(b) => self.count_pick(b.pick(&self.targets, keep, Instant::now(), &mut fastrand::Rng::new())),
+        }
+    }
+
+    /// `pick` at `now` with `rng`: for tests and benchmarks that need the
+    /// same picks every run.
+    pub fn pick_with(&self, keep: impl Fn(&Target) -> bool, now: Instant, rng: &mut fastrand::Rng) -> Option<usize> {
+        match &self.balancer {
+            None => self.count_pick(self.pick_by_priority(keep)),
+            Some(b) => self.count_pick(b.pick(&self.targets, keep, now, rng)),
+        }
+    }
+
+    fn count_pick(&self, chosen: Option<usize>) -> Option<usize> {
+        if let Some(i) = chosen {
+            self.picks[i].inc();
+        }
+        chosen
+    }
+
+    /// `routing = "priority"`: the lowest priority among the available
+    /// targets that pass `keep`, by weight within that priority.
+    fn pick_by_priority(&self, keep: impl Fn(&Target) -> bool) -> Option<usize> {
         let targets = &self.targets;
         let candidates: Vec<usize> = (0..targets.len())
             .filter(|&i| keep(&targets[i]) && targets[i].upstream.available())
@@ -136,6 +201,40 @@ impl Route {
     pub fn count_failover(&self, from: usize, to: usize) {
         if let Some(counter) = &self.failovers[from][to] {
             counter.inc();
+        }
+    }
+
+    /// An attempt on `target` starts: with a balancer, it counts as waiting
+    /// and in flight until `settle` (or its drop).
+    pub fn begin(&self, target: usize) -> Option<Pending> {
+        Some(self.balancer.as_ref()?.begin(target, Instant::now()))
+    }
+
+    /// What an attempt begun with `begin` taught; for a first byte, the
+    /// in-flight count a committed stream holds to its end.
+    pub fn settle(&self, target: usize, pending: Pending, how: Settled) -> Option<InFlight> {
+        self.balancer.as_ref()?.settle(target, pending, how, Instant::now())
+    }
+
+    /// Each target's estimate, in target order; `None` for `priority`.
+    pub fn loads(&self) -> Option<Vec<TargetLoad>> {
+        Some(self.balancer.as_ref()?.snapshot(&self.targets, Instant::now()))
+    }
+
+    /// Sets `relaygate_target_load` to the estimates now (at each scrape:
+    /// they decay with time, not only when a sample arrives). Two targets
+    /// of one upstream share a series: it shows the lower.
+    pub fn export_loads(&self) {
+        let Some(loads) = self.loads() else {
+            return;
+        };
+        for (i, gauge) in self.load_gauges.iter().enumerate() {
+            let upstream = self.targets[i].upstream.index;
+            let lowest = (0..self.targets.len())
+                .filter(|&j| self.targets[j].upstream.index == upstream)
+                .map(|j| loads[j].estimate)
+                .fold(f64::INFINITY, f64::min);
+            gauge.set(lowest);
         }
     }
 

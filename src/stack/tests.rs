@@ -65,6 +65,7 @@ targets = [{{ upstream = "a", priority = 0 }}, {{ upstream = "b", priority = 1 }
         &config.retry,
         1 << 20,
         &metrics,
+        &super::balance::LoadRegistry::default(),
     ));
     let body = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
     let limiter = Limiter::new(config.rate_limit.clone(), Vec::new(), metrics.registry())
@@ -111,6 +112,7 @@ fn answer(call: &Call, reply: Reply) -> Result<Answer, AttemptError> {
         permit: None,
         admission: None,
         ticket: None,
+        in_flight: None,
     })
 }
 

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 
 pub use crate::outcome::{ErrorType, Outcome};
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The label for a model or upstream that is not in the config.
@@ -75,6 +75,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub failovers: IntCounterVec,
     pub hedges: IntCounterVec,
+    pub route_picks: IntCounterVec,
+    pub target_load: GaugeVec,
     pub circuit_state: IntGaugeVec,
     pub circuit_transitions: IntCounterVec,
     pub ledger_dropped: IntCounter,
@@ -250,6 +252,28 @@ impl Metrics {
                         "Hedged requests, by whether the hedge's answer was used (won) or not (lost).",
                     ),
                     &["model", "result"],
+                ),
+            ),
+            route_picks: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "relaygate_route_picks_total",
+                        "Targets picked for an attempt (first, failover or hedge), by model, upstream and \
+                         the model's routing strategy (priority, latency, cost).",
+                    ),
+                    &["model", "upstream", "strategy"],
+                ),
+            ),
+            target_load: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "relaygate_target_load",
+                        "Latency and cost routing: the target's estimated time to first token in seconds \
+                         (peak EWMA, failure penalties included), as of the scrape.",
+                    ),
+                    &["model", "upstream"],
                 ),
             ),
             circuit_state: reg(
