@@ -274,7 +274,11 @@ async fn run(
     let target = &route.targets[answer.target];
     let upstream = &target.upstream;
     record.set_upstream(upstream, Some(&target.model));
+    if target.price.is_some() {
+        record.set_price(target.price);
+    }
     record.hold(answer.permit);
+    record.hold_in_flight(answer.in_flight);
     if let Some(admission) = answer.admission {
         record.set_admission(admission);
     }

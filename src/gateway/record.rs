@@ -18,6 +18,7 @@ use crate::outcome::{ErrorType, Outcome};
 use crate::ratelimit::Admission;
 use crate::request::Endpoint;
 use crate::sse;
+use crate::stack::balance::InFlight;
 use crate::telemetry::comparison::content_hash;
 use crate::telemetry::metrics::{ModelMetrics, ModelUpstreamMetrics};
 use crate::telemetry::otel::{AttemptSpan, TraceContext};
@@ -62,6 +63,7 @@ pub struct RequestRecord {
     upstream_wait: Duration,
     /// Concurrency slots held to the request's end.
     permits: Vec<OwnedSemaphorePermit>,
+    in_flight: Option<InFlight>,
     /// Rate-limit reservations, reconciled with the real usage at the end.
     admission: Option<Admission>,
     usage: Option<Usage>,
@@ -100,6 +102,7 @@ impl RequestRecord {
             stream_attempt: None,
             upstream_wait: Duration::ZERO,
             permits: Vec::new(),
+            in_flight: None,
             admission: None,
             usage: None,
             ttft: None,
@@ -210,6 +213,17 @@ impl RequestRecord {
     /// Keeps a concurrency slot until this request ends.
     pub fn hold(&mut self, permit: Option<OwnedSemaphorePermit>) {
         self.permits.extend(permit);
+    }
+
+    /// Keeps a committed stream counted in flight on its target (latency
+    /// and cost routing) until this request ends.
+    pub fn hold_in_flight(&mut self, in_flight: Option<InFlight>) {
+        self.in_flight = in_flight;
+    }
+
+    /// The answering target's price, where it has its own (`targets[].price`).
+    pub fn set_price(&mut self, price: Option<Price>) {
+        self.price = price;
     }
 
     /// Time spent waiting on upstreams, excluded from the overhead metric.
