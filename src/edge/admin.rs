@@ -3,7 +3,7 @@
 //! one 403. Nothing it returns contains a secret: upstreams are shown by
 //! name and host, never by key.
 //!
-//! - `GET  /admin/upstreams`               breaker state, recent counts, cooldowns, last error
+//! - `GET  /admin/upstreams`               breaker state, counts, cooldown, last error, routing estimates
 //! - `POST /admin/upstreams/{name}/reset`  force the breaker closed, clear a 429 cooldown
 //! - `POST /admin/upstreams/{name}/open`   drain an upstream by hand (open until reset)
 //! - `POST /admin/reload`                  re-read the config file (like SIGHUP)
@@ -114,8 +114,38 @@ pub fn describe(u: &Upstream) -> Value {
 
 async fn upstreams(State(state): State<AppState>) -> Response {
     let runtime = state.runtime();
-    let list: Vec<Value> = runtime.upstreams.iter().map(|u| describe(u)).collect();
+    let mut list: Vec<Value> = runtime.upstreams.iter().map(|u| describe(u)).collect();
+    for (u, v) in runtime.upstreams.iter().zip(&mut list) {
+        v["routing"] = Value::Array(routing(&runtime, u.index));
+    }
     Json(json!({ "upstreams": list })).into_response()
+}
+
+/// The routing estimates of the latency- and cost-routed targets on one
+/// upstream: per model, what the picks compare.
+fn routing(runtime: &Runtime, upstream: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    for model in &runtime.models {
+        let route = &model.route;
+        let Some(loads) = route.loads() else { continue };
+        for (target, load) in route.targets.iter().zip(loads) {
+            if target.upstream.index != upstream {
+                continue;
+            }
+            out.push(json!({
+                "model": &*route.label,
+                "upstream_model": target.model,
+                "strategy": route.routing.strategy.as_str(),
+                "priority": target.priority,
+                "price_per_mtok_blended": target.price.map(|p| p.blended()),
+                "estimate_seconds": load.estimate,
+                "in_flight": load.in_flight,
+                "waiting_first_byte": load.waiting,
+                "state": load.state,
+            }));
+        }
+    }
+    out
 }
 
 /// Applies `action` to the named upstream and answers with its new state.

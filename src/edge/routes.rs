@@ -121,6 +121,10 @@ async fn models(State(state): State<AppState>, req: Request) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // Routing estimates decay with time: set as of this scrape.
+    for model in &state.runtime().models {
+        model.route.export_loads();
+    }
     (
         [(
             header::CONTENT_TYPE,
