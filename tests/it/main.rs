@@ -37,6 +37,7 @@ mod ratelimit;
 mod ratelimit_gateway;
 mod reload;
 mod resilience;
+mod routing;
 mod shadow;
 mod sse_props;
 mod sse_shapes;
