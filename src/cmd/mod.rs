@@ -229,9 +229,18 @@ fn check(path: &Path) -> Result<ExitCode, String> {
                 config.upstreams[t.upstream].name, t.model, t.priority
             )
         });
+        let routing = match (m.routing.strategy, m.routing.max_ttft) {
+            (crate::config::Strategy::Priority, _) => String::new(),
+            (strategy, None) => format!("  [routing {}]", strategy.as_str()),
+            (strategy, Some(bound)) => format!(
+                "  [routing {}, max_ttft {}]",
+                strategy.as_str(),
+                humantime::format_duration(bound)
+            ),
+        };
         let _ = writeln!(
             out,
-            "    {:<16} -> {}{}",
+            "    {:<16} -> {}{}{routing}",
             m.name,
             names(targets),
             if m.price.is_some() { "  [priced]" } else { "" }
