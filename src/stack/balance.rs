@@ -25,7 +25,8 @@
 //!   as at least their mean elapsed time, so a hanging upstream looks slow
 //!   at once, not when it finally times out.
 //! - **Failures are never fast samples**: a failure (5xx, reset, timeout,
-//!   malformed, 401/403) adds a penalty that decays with the same half-life;
+//!   malformed, 401/403) adds a penalty (the slowest estimate of the model,
+//!   at least 1 s; renewed, not summed) that decays with the same half-life;
 //!   its elapsed time may only raise the estimate. A 429 adds a penalty that
 //!   lasts its Retry-After (capped like the cooldown), then the target
 //!   starts over as recovered.
@@ -287,11 +288,15 @@ impl Load {
         });
     }
 
+    /// A failure: the penalty is `amount` again, decaying from now. It
+    /// does not stack: a run of failures is the breaker's business, and a
+    /// sum would grow with the traffic a target gets, exiling an upstream
+    /// that fails 1 request in 10 for as long as it is used at all.
     fn penalize(&self, t: u64, amount: f64, tau_ms: f64) {
         let now = t as u32;
         self.penalty.update(|old| {
             let left = old.map_or(0.0, |(v, at)| v * remains(since(now, at), tau_ms));
-            Some((left + amount, now))
+            Some((left.max(amount), now))
         });
     }
 
