@@ -37,6 +37,16 @@ pub struct DemoArgs {
     /// How long each outage of the flaky upstream lasts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub outage: Duration,
+    /// Every this long, the healthy upstream slows down for `--slow`
+    /// without failing (0 = never): watch `deepseek-fastest` move away.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub slow_every: Duration,
+    /// How long each slow phase lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub slow: Duration,
+    /// How many times its time to first token grows in a slow phase.
+    #[arg(long, default_value_t = 6)]
+    pub slow_factor: u32,
     /// The admin key (the status page's admin actions, `/admin/*`); by
     /// default a random one, printed at start.
     #[arg(long)]
@@ -168,6 +178,7 @@ pub async fn run(mut args: DemoArgs) -> Result<ExitCode, String> {
     println!("    deepseek-hedged  the same pair, hedged after 250 ms");
     println!("    deepseek-cached  the same pair behind the response cache (see /admin/cache)");
     println!("    deepseek-flaky   sim-flaky alone: its errors reach the client");
+    println!("    deepseek-fastest the same pair, routed by latency (time to first token; failures never look fast)");
     println!();
     println!("Base URL: {base}   (any API key works)");
     println!();
@@ -206,6 +217,22 @@ pub async fn run(mut args: DemoArgs) -> Result<ExitCode, String> {
             args.outage,
         ));
     }
+    if !args.slow_every.is_zero() {
+        println!(
+            "The healthy upstream answers {}x slower, without failing, for {} every {} (first at {}).",
+            args.slow_factor,
+            humantime::format_duration(args.slow),
+            humantime::format_duration(args.slow_every),
+            humantime::format_duration(SLOW_FIRST),
+        );
+        tokio::spawn(slow_phases(
+            sims[0].faults(),
+            sims[0].handle(),
+            args.slow_every,
+            args.slow,
+            args.slow_factor,
+        ));
+    }
     let traffic = (!args.no_traffic).then(|| {
         println!(
             "Driving {} requests/s (--no-traffic to stop it); one summary line per second:",
@@ -240,6 +267,28 @@ async fn outages(normal: Faults, sim: crate::sim::SimHandle, every: Duration, ou
     }
 }
 
+/// When the first slow phase starts: once the estimates have settled, and
+/// before the first outage (20-30 s with the defaults), which with the
+/// breaker's backoff keeps the flaky upstream out for most of each period.
+const SLOW_FIRST: Duration = Duration::from_secs(5);
+
+/// Slows the healthy upstream `factor` times (its delay before headers and
+/// first event, and its jitter) for `slow`, every `every`, without failing.
+/// It is the healthy upstream that slows because latency routing keeps
+/// `deepseek-fastest` off the flaky one already: its failures are never fast.
+async fn slow_phases(normal: Faults, sim: crate::sim::SimHandle, every: Duration, slow: Duration, factor: u32) {
+    tokio::time::sleep(SLOW_FIRST).await;
+    loop {
+        sim.update(|f| {
+            f.header_delay = normal.header_delay * factor;
+            f.latency_jitter = normal.latency_jitter * factor;
+        });
+        tokio::time::sleep(slow).await;
+        sim.set_faults(normal.clone());
+        tokio::time::sleep(every.saturating_sub(slow)).await;
+    }
+}
+
 /// What the demo traffic asks `deepseek-cached`.
 const QUESTIONS: [&str; 4] = [
     "What is the capital of France?",
@@ -266,6 +315,7 @@ async fn traffic(base: String, rps: u32, state: crate::AppState) {
     report.tick().await;
     let mut seconds: u64 = 0;
     let mut n: u64 = 0;
+    let mut picks = Picks::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -275,6 +325,7 @@ async fn traffic(base: String, rps: u32, state: crate::AppState) {
                 let model = match n % 10 {
                     0 => "deepseek-hedged",
                     1 | 6 => "deepseek-cached",
+                    3 | 5 | 8 => "deepseek-fastest",
                     _ => "deepseek-chat",
                 };
                 // The cached model is asked the same few questions, so most are hits.
@@ -313,9 +364,46 @@ async fn traffic(base: String, rps: u32, state: crate::AppState) {
             _ = report.tick() => {
                 seconds += 1;
                 let mut second = std::mem::take(&mut *window.lock().unwrap_or_else(|e| e.into_inner()));
-                println!("{}", summary_line(seconds, &mut second, &state));
+                println!("{}{}", summary_line(seconds, &mut second, &state), picks.line(&state));
             }
         }
+    }
+}
+
+/// `deepseek-fastest`'s picks per upstream in the last second (failovers
+/// and hedges included), and its estimates: traffic moving away from a slow
+/// upstream and back.
+#[derive(Default)]
+struct Picks {
+    last: Vec<u64>,
+}
+
+impl Picks {
+    fn line(&mut self, state: &crate::AppState) -> String {
+        let runtime = state.runtime();
+        let Some(model) = runtime.model("deepseek-fastest") else {
+            return String::new();
+        };
+        let route = &model.route;
+        let counts = route.pick_counts();
+        let delta: Vec<u64> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c - self.last.get(i).copied().unwrap_or(0))
+            .collect();
+        self.last = counts;
+        let loads = route.loads().unwrap_or_default();
+        let parts: Vec<String> = route
+            .targets
+            .iter()
+            .zip(&delta)
+            .zip(&loads)
+            .map(|((t, d), l)| {
+                let name = t.upstream.name.strip_prefix("sim-").unwrap_or(&t.upstream.name);
+                format!("{name} {d:>2} ({:>4.0}ms)", l.estimate * 1000.0)
+            })
+            .collect();
+        format!("  fastest picks: {}", parts.join(" "))
     }
 }
 

@@ -216,6 +216,11 @@ impl Route {
         self.balancer.as_ref()?.settle(target, pending, how, Instant::now())
     }
 
+    /// `relaygate_route_picks_total` of each target, in target order.
+    pub fn pick_counts(&self) -> Vec<u64> {
+        self.picks.iter().map(IntCounter::get).collect()
+    }
+
     /// Each target's estimate, in target order; `None` for `priority`.
     pub fn loads(&self) -> Option<Vec<TargetLoad>> {
         Some(self.balancer.as_ref()?.snapshot(&self.targets, Instant::now()))
