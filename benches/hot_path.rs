@@ -1,8 +1,9 @@
 //! Micro-benchmarks of the per-request and per-chunk pieces of relaygate,
 //! through the library's public API: SSE event splitting, usage extraction,
-//! the model-field rewrite, breaker and limiter admission, and metric
-//! recording. `cargo bench` runs them all in a few minutes; `cargo bench --
-//! sse` runs the ones whose name contains `sse`. What the numbers mean, and
+//! the model-field rewrite, breaker and limiter admission, metric
+//! recording, and the pick of a target (`route_pick`). `cargo bench` runs
+//! them all in a few minutes; `cargo bench -- sse` runs the ones whose name
+//! contains `sse`. What the numbers mean, and
 //! the end-to-end benchmark: bench/README.md.
 //!
 //! Each group keeps its measurement short (2 s) so the whole run stays
@@ -357,9 +358,80 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
+/// A model over `n` upstreams, all priority 0, routed by `routing`, each
+/// target measured a few times (`latency`) so that a pick compares real
+/// estimates.
+fn routed(n: usize, routing: &str, metrics: &Metrics) -> relaygate::stack::Route {
+    use relaygate::stack::balance::{LoadRegistry, Settled};
+    use relaygate::upstream::{Upstream, UpstreamState};
+    let mut text = String::new();
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[upstreams]]\nname = \"u{i}\"\nbase_url = \"http://127.0.0.1:9/v1\"\n"
+        ));
+    }
+    let targets: Vec<String> = (0..n).map(|i| format!("{{ upstream = \"u{i}\" }}")).collect();
+    text.push_str(&format!(
+        "[[models]]\nname = \"m\"\n{routing}\ntargets = [{}]\n",
+        targets.join(", ")
+    ));
+    let config = relaygate::Config::parse(&text, |_| None).expect("valid bench config");
+    let upstreams: Vec<std::sync::Arc<Upstream>> = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let breaker = Breaker::new(&u.name, u.circuit_breaker.clone(), metrics);
+            let state = std::sync::Arc::new(UpstreamState::new(breaker, Duration::from_secs(60)));
+            std::sync::Arc::new(Upstream::new(u.clone(), i, state, metrics).expect("client"))
+        })
+        .collect();
+    let route = relaygate::stack::Route::new(
+        &config.models[0],
+        &upstreams,
+        &config.retry,
+        1 << 20,
+        metrics,
+        &LoadRegistry::default(),
+    );
+    for _ in 0..3 {
+        for t in 0..n {
+            if let Some(pending) = route.begin(t) {
+                let ttft = Duration::from_millis(20 + 10 * t as u64);
+                drop(route.settle(t, pending, Settled::FirstByte(Some(ttft))));
+            }
+        }
+    }
+    route
+}
+
+/// One pick of the target for a request's first attempt, as
+/// `gateway::handle` makes it (`Route::pick`: the clock, a generator, the
+/// breaker and cooldown of every target, the counter): `latency` (power
+/// of two choices over the estimates) against `priority` (by weight).
+fn routing(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let _runtime = rt.enter();
+    let metrics = Metrics::new();
+    let mut g = c.benchmark_group("route_pick");
+    for n in [2, 8] {
+        for routing in ["latency", "priority"] {
+            let route = routed(n, &format!("routing = \"{routing}\""), &metrics);
+            g.bench_function(format!("{routing}/{n}_targets"), |b| {
+                b.iter(|| {
+                    route
+                        .pick(black_box(|_: &relaygate::stack::Target| true))
+                        .expect("a target")
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = sse, usage_extraction, model_rewrite, breaker, limiter, metrics, cache
+    targets = sse, usage_extraction, model_rewrite, breaker, limiter, metrics, cache, routing
 }
 criterion_main!(benches);
