@@ -44,6 +44,8 @@ COUNTERS_AND_GAUGES = {
     "relaygate_failovers_total",
     "relaygate_retries_total",
     "relaygate_hedges_total",
+    "relaygate_route_picks_total",
+    "relaygate_target_load",
     "relaygate_circuit_state",
     "relaygate_circuit_transitions_total",
     "relaygate_rate_limited_total",
