@@ -14,6 +14,7 @@
 //! decision over all of them, queueing for `on_limit = "queue"` rules, and
 //! the failover from Redis to the local fallback (`Health`).
 
+pub mod backend;
 pub mod config;
 mod estimate;
 mod gcra;
@@ -22,13 +23,14 @@ mod metrics;
 mod redis;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
+use self::backend::Health;
 pub use self::config::{
     check_matches, validate, Backend, FailMode, Limit, OnLimit, RateLimitSettings, RawRateLimit, RawRule, Rule,
 };
@@ -75,9 +77,7 @@ impl fmt::Display for Scope {
     }
 }
 
-/// While Redis is down, it is tried again at most this often (by one
-/// caller; the others use the fallback meanwhile without waiting on Redis).
-const REDIS_RETRY_EVERY: Duration = Duration::from_secs(1);
+use self::backend::REDIS_RETRY_EVERY;
 
 /// A queued request re-checks at least this often: capacity can come back
 /// before the computed wait when `reconcile` gives tokens back.
@@ -239,7 +239,11 @@ impl Limiter {
                 Store::Redis {
                     redis: RedisStore::new(url, &settings, &rules, params)?,
                     fallback: LocalStore::new(fallback),
-                    health: Health::default(),
+                    health: Health::new(
+                        "rate limit",
+                        metrics.backend_errors.clone(),
+                        metrics.fallback_active.clone(),
+                    ),
                     fail_mode: settings.fail_mode,
                     timeout: settings.redis_timeout,
                 }
@@ -253,8 +257,8 @@ impl Limiter {
                 let result = tokio::time::timeout(*timeout, redis.ping()).await;
                 match result {
                     Ok(Ok(())) => tracing::info!("rate limit: connected to Redis"),
-                    Ok(Err(e)) => health.failed(&metrics, &format!("{e}")),
-                    Err(_) => health.failed(&metrics, "timed out"),
+                    Ok(Err(e)) => health.failed(&format!("{e}")),
+                    Err(_) => health.failed("timed out"),
                 }
             }
         }
@@ -454,7 +458,7 @@ impl Limiter {
                 if health.may_call() {
                     match tokio::time::timeout(*timeout, redis.decide(&charges, commit)).await {
                         Ok(Ok(outcome)) => {
-                            health.succeeded(&inner.metrics);
+                            health.succeeded();
                             return Decision::Verdict(self.verdict(
                                 Source::Redis,
                                 redis.params(),
@@ -463,8 +467,8 @@ impl Limiter {
                                 outcome,
                             ));
                         }
-                        Ok(Err(e)) => health.failed(&inner.metrics, &format!("{e}")),
-                        Err(_) => health.failed(&inner.metrics, "timed out"),
+                        Ok(Err(e)) => health.failed(&format!("{e}")),
+                        Err(_) => health.failed("timed out"),
                     }
                 }
                 match fail_mode {
@@ -665,54 +669,6 @@ impl Drop for QueueWatch<'_> {
     }
 }
 
-/// Whether Redis is usable. After a failure, Redis is tried again at most
-/// once per `REDIS_RETRY_EVERY` (by whichever caller comes first); the other
-/// callers go straight to the fallback, so an outage costs one
-/// `redis_timeout` per second, not one per request.
-#[derive(Default)]
-struct Health {
-    down: AtomicBool,
-    next_try: Mutex<Option<Instant>>,
-}
-
-impl Health {
-    fn may_call(&self) -> bool {
-        if !self.down.load(Ordering::Acquire) {
-            return true;
-        }
-        let mut next = self.next_try.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match *next {
-            Some(at) if now < at => false,
-            _ => {
-                *next = Some(now + REDIS_RETRY_EVERY);
-                true
-            }
-        }
-    }
-
-    fn failed(&self, metrics: &Metrics, error: &str) {
-        metrics.backend_errors.inc();
-        *self.next_try.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + REDIS_RETRY_EVERY);
-        if !self.down.swap(true, Ordering::AcqRel) {
-            metrics.fallback_active.set(1);
-            tracing::warn!(
-                error,
-                "rate limit: Redis unavailable, using the fallback (fail_mode applies)"
-            );
-        } else {
-            tracing::debug!(error, "rate limit: Redis still unavailable");
-        }
-    }
-
-    fn succeeded(&self, metrics: &Metrics) {
-        if self.down.load(Ordering::Acquire) && self.down.swap(false, Ordering::AcqRel) {
-            metrics.fallback_active.set(0);
-            tracing::info!("rate limit: Redis is back, shared limits resume");
-        }
-    }
-}
-
 /// A token reservation in one rule's bucket, to reconcile.
 #[derive(Debug, Clone)]
 struct Reservation {
@@ -835,9 +791,9 @@ impl Admission {
                 // buckets refill on their own within a minute.
                 if !shared.is_empty() && health.may_call() {
                     match tokio::time::timeout(*timeout, redis.adjust(&shared)).await {
-                        Ok(Ok(())) => health.succeeded(&inner.metrics),
-                        Ok(Err(e)) => health.failed(&inner.metrics, &format!("{e}")),
-                        Err(_) => health.failed(&inner.metrics, "timed out"),
+                        Ok(Ok(())) => drop(health.succeeded()),
+                        Ok(Err(e)) => health.failed(&format!("{e}")),
+                        Err(_) => health.failed("timed out"),
                     }
                 }
             }

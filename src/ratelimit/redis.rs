@@ -17,11 +17,10 @@
 //! This module does not bound its calls: the engine wraps each one in
 //! `redis_timeout` and handles failures (`Health`, the fallback).
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
-use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::OnceCell;
+use secrecy::SecretString;
 
+use super::backend::{escape, Connection};
 use super::config::{RateLimitSettings, Rule};
 use super::gcra::Gcra;
 use super::{Charge, Kind, Outcome, RuleParams};
@@ -84,11 +83,7 @@ return 1
 "#;
 
 pub(crate) struct RedisStore {
-    client: redis::Client,
-    /// Made on first use (and retried until it succeeds), so a gateway
-    /// starts while Redis is down. The manager reconnects by itself after.
-    conn: OnceCell<ConnectionManager>,
-    config: ConnectionManagerConfig,
+    conn: Connection,
     admit: Script,
     adjust: Script,
     prefix: String,
@@ -103,20 +98,8 @@ impl RedisStore {
         rules: &[Rule],
         params: Vec<RuleParams>,
     ) -> Result<RedisStore, String> {
-        let client = redis::Client::open(url.expose_secret())
-            .map_err(|_| "rate_limit.redis_url: not a valid Redis URL".to_string())?;
-        // No retries inside the manager: a failed (re)connection fails the
-        // call at once, and the engine decides when to try again (at most
-        // once a second while Redis is down). Each call is bounded by the
-        // engine; the connection timeout only keeps a dead connect from
-        // lingering in the background.
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(0)
-            .set_connection_timeout(settings.redis_timeout);
         Ok(RedisStore {
-            client,
-            conn: OnceCell::new(),
-            config,
+            conn: Connection::new(url, settings.redis_timeout, "rate_limit.redis_url")?,
             admit: Script::new(ADMIT),
             adjust: Script::new(ADJUST),
             prefix: settings.key_prefix.clone(),
@@ -129,16 +112,8 @@ impl RedisStore {
         &self.params
     }
 
-    async fn connection(&self) -> RedisResult<ConnectionManager> {
-        self.conn
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), self.config.clone()))
-            .await
-            .cloned()
-    }
-
     pub async fn ping(&self) -> RedisResult<()> {
-        let mut conn = self.connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await.map(drop)
+        self.conn.ping().await
     }
 
     fn key(&self, rule: usize, bucket: &str, kind: Kind) -> String {
@@ -173,7 +148,7 @@ impl RedisStore {
                 .arg(gcra.capacity)
                 .arg(c.cost);
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.conn.get().await?;
         let reply: Vec<i64> = invocation.invoke_async(&mut conn).await?;
         if reply.len() != charges.len() + 1 {
             return Err(redis::RedisError::from((
@@ -207,7 +182,7 @@ impl RedisStore {
         if !any {
             return Ok(());
         }
-        let mut conn = self.connection().await?;
+        let mut conn = self.conn.get().await?;
         invocation.invoke_async::<i64>(&mut conn).await.map(drop)
     }
 }
@@ -219,12 +194,6 @@ fn micros(nanos: u64) -> String {
     } else {
         format!("{}.{:03}", nanos / 1000, nanos % 1000)
     }
-}
-
-/// Rule and bucket names go into keys between `:`; escaping `%` and `:`
-/// keeps `("a:b", "c")` and `("a", "b:c")` apart.
-fn escape(name: &str) -> String {
-    name.replace('%', "%25").replace(':', "%3A")
 }
 
 #[cfg(test)]
