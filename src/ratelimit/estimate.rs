@@ -60,8 +60,9 @@ pub fn estimate_prompt_tokens(body: &[u8]) -> u64 {
     estimate(body, 0).0
 }
 
-/// (prompt, completion) as `estimate_tokens` documents them.
-fn estimate(body: &[u8], default_max_tokens: u64) -> (u64, u64) {
+/// (prompt, completion) as `estimate_tokens` documents them: the spend
+/// budgets price the two at their own rates.
+pub fn estimate(body: &[u8], default_max_tokens: u64) -> (u64, u64) {
     let Ok(b) = serde_json::from_slice::<Body>(body) else {
         return ((body.len() as u64).div_ceil(BYTES_PER_TOKEN), default_max_tokens);
     };

@@ -34,7 +34,7 @@ use self::backend::Health;
 pub use self::config::{
     check_matches, validate, Backend, FailMode, Limit, OnLimit, RateLimitSettings, RawRateLimit, RawRule, Rule,
 };
-pub use self::estimate::{estimate_prompt_tokens, estimate_tokens};
+pub use self::estimate::{estimate, estimate_prompt_tokens, estimate_tokens};
 use self::gcra::{retry_after_secs, Dim, Gcra, Info};
 use self::local::LocalStore;
 use self::metrics::{Metrics, QueueResult};

@@ -17,6 +17,7 @@ const TIERS: &[(&str, &str)] = &[
     ("outcome", "how a status or error counts: metrics, retries, the breaker"),
     ("net", "the accept loop and the stall timer"),
     ("ratelimit", "rate-limit rules and engine"),
+    ("budget", "spend budgets: reserve, settle, periods"),
     ("telemetry", "metrics, access log, ledger, traces, windows"),
     ("config", "the validated config"),
     ("error", "the errors relaygate generates, as OpenAI JSON"),
