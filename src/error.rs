@@ -57,6 +57,31 @@ pub enum GatewayError {
     },
     #[error("The shared rate limiter is unavailable and fail_mode is closed; retry shortly.")]
     RateLimiterUnavailable { retry_after: Duration },
+    /// A spend budget has no room: OpenAI's `insufficient_quota`, which
+    /// apps already stop on; the SDKs do not retry it (`x-should-retry`).
+    #[error("{message}")]
+    BudgetExceeded {
+        budget: String,
+        message: String,
+        /// Until the period resets; `None` for a `total` budget.
+        retry_after: Option<Duration>,
+    },
+    #[error("The shared budget store is unavailable and fail_mode is closed; retry shortly.")]
+    BudgetUnavailable,
+}
+
+impl From<crate::budget::Rejection> for GatewayError {
+    fn from(r: crate::budget::Rejection) -> Self {
+        if r.unavailable {
+            GatewayError::BudgetUnavailable
+        } else {
+            GatewayError::BudgetExceeded {
+                message: r.message(),
+                budget: r.budget,
+                retry_after: r.retry_after,
+            }
+        }
+    }
 }
 
 impl From<crate::ratelimit::Rejection> for GatewayError {
@@ -114,10 +139,12 @@ impl GatewayError {
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded | Self::RateLimiterUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Draining
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded
+            | Self::RateLimiterUnavailable { .. }
+            | Self::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } | Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -137,11 +164,15 @@ impl GatewayError {
             | Self::UpstreamReset { .. }
             | Self::UpstreamMalformed { .. }
             | Self::UpstreamStatus { .. } => "upstream_error",
-            Self::Draining | Self::CircuitOpen { .. } | Self::Overloaded | Self::RateLimiterUnavailable { .. } => {
-                "service_unavailable"
-            }
+            Self::Draining
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded
+            | Self::RateLimiterUnavailable { .. }
+            | Self::BudgetUnavailable => "service_unavailable",
             // OpenAI's type for rate limits it counts in requests.
             Self::RateLimited { .. } => "requests",
+            // OpenAI's type and code when a quota is spent.
+            Self::BudgetExceeded { .. } => "insufficient_quota",
         }
     }
 
@@ -169,6 +200,8 @@ impl GatewayError {
             Self::Overloaded => "overloaded",
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::RateLimiterUnavailable { .. } => "rate_limiter_unavailable",
+            Self::BudgetExceeded { .. } => "insufficient_quota",
+            Self::BudgetUnavailable => "budget_unavailable",
         }
     }
 
@@ -191,7 +224,8 @@ impl GatewayError {
             Self::Draining | Self::Overloaded => Outcome::Overloaded,
             Self::CircuitOpen { .. } => Outcome::CircuitOpen,
             Self::RateLimited { .. } => Outcome::RateLimited,
-            Self::RateLimiterUnavailable { .. } => Outcome::Overloaded,
+            Self::RateLimiterUnavailable { .. } | Self::BudgetUnavailable => Outcome::Overloaded,
+            Self::BudgetExceeded { .. } => Outcome::RateLimited,
         }
     }
 
@@ -246,13 +280,22 @@ impl IntoResponse for GatewayError {
                 Some(retry_after_secs(*retry_after))
             }
             Self::RateLimited { retry_after, .. } => Some(retry_after_secs(*retry_after)),
-            Self::Overloaded | Self::Draining => Some(1),
+            Self::BudgetExceeded { retry_after, .. } => retry_after.map(retry_after_secs),
+            Self::Overloaded | Self::Draining | Self::BudgetUnavailable => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::BudgetExceeded { budget, .. } = &self {
+            let h = response.headers_mut();
+            // The OpenAI SDKs honour it: a spent budget is not retried.
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+            if let Ok(v) = HeaderValue::from_str(budget) {
+                h.insert("x-relaygate-budget", v);
+            }
         }
         if matches!(self, Self::MissingApiKey | Self::InvalidApiKey) {
             response

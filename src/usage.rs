@@ -454,6 +454,23 @@ impl Usage {
             + self.completion as f64 * price.output_per_mtok)
             / 1_000_000.0
     }
+
+    /// `cost` in micro-dollars, as the spend budgets settle it.
+    pub fn cost_micros(&self, price: &Price) -> i64 {
+        crate::budget::usd_to_micros(self.cost(price))
+    }
+}
+
+/// The most a request can cost, in micro-dollars, what a budget reserves:
+/// the prompt estimate at the input price and `max_tokens` (or the
+/// default) at the output price, from `ratelimit::estimate`. 0 without a
+/// price.
+pub fn worst_case_micros(price: Option<&Price>, (prompt, completion): (u64, u64)) -> i64 {
+    match price {
+        None => 0,
+        Some(p) => crate::budget::micros_of(prompt, p.input_per_mtok)
+            .saturating_add(crate::budget::micros_of(completion, p.output_per_mtok)),
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,9 @@ struct RawConfig {
     rate_limit: Option<crate::ratelimit::RawRateLimit>,
     #[serde(default)]
     rate_limits: Vec<crate::ratelimit::RawRule>,
+    budget: Option<crate::budget::RawBudgetSettings>,
+    #[serde(default)]
+    budgets: Vec<crate::budget::RawBudget>,
     ledger: Option<RawLedger>,
     otel: Option<RawOtel>,
     #[serde(default)]
@@ -430,6 +433,10 @@ pub struct Config {
     pub retry: RetryConfig,
     pub rate_limit: crate::ratelimit::RateLimitSettings,
     pub rate_limits: Vec<crate::ratelimit::Rule>,
+    /// `[budget]`: where spend is kept (defaults from `[rate_limit]`).
+    pub budget: crate::budget::BudgetSettings,
+    /// `[[budgets]]`: USD caps per period (docs/budgets.md).
+    pub budgets: Vec<crate::budget::Budget>,
     pub ledger: Option<LedgerConfig>,
     pub otel: Option<OtelConfig>,
     pub health: HealthConfig,

@@ -299,6 +299,15 @@ impl RawConfig {
             crate::ratelimit::Scope::Global => true,
         })
         .map_err(ConfigError::new)?;
+        let (budget, budgets) =
+            crate::budget::validate(self.budget, self.budgets, &rate_limit).map_err(ConfigError::new)?;
+        crate::budget::check_matches(&budgets, |scope, name| match scope {
+            crate::ratelimit::Scope::Key => keys.iter().any(|k| k.name == name),
+            crate::ratelimit::Scope::Model => models.iter().any(|m| m.name == name),
+            crate::ratelimit::Scope::Upstream => upstreams.iter().any(|u| u.name == name),
+            crate::ratelimit::Scope::Global => true,
+        })
+        .map_err(ConfigError::new)?;
 
         let ledger = match self.ledger {
             None => None,
@@ -366,6 +375,8 @@ impl RawConfig {
             retry,
             rate_limit,
             rate_limits,
+            budget,
+            budgets,
             ledger,
             otel,
             health,

@@ -10,6 +10,7 @@
 //! - `GET  /admin/shadow`                  primary vs shadow comparison per shadowed model
 //! - `GET  /admin/cache`                   response cache: entries, bytes and hit ratio per model
 //! - `DELETE /admin/cache[?model=NAME]`    purge the response cache, or one model's entries
+//! - `GET  /admin/budgets`                 spend budgets: spent, reserved, limit and reset per name
 
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::Next;
@@ -33,6 +34,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/reload", post(reload))
         .route("/admin/shadow", get(shadow))
         .route("/admin/cache", get(cache_stats).delete(cache_purge))
+        .route("/admin/budgets", get(budgets))
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -189,6 +191,18 @@ async fn reload(State(state): State<AppState>) -> Response {
         Ok(()) => Json(json!({ "result": "success" })).into_response(),
         Err(e) => admin_error(StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", &e),
     }
+}
+
+/// Each budget's current period: per name, spent, reserved and what is
+/// left; the cap, the period and when it resets. With Redis, read from
+/// Redis (`source` says when it did not answer and this is the local view).
+async fn budgets(State(state): State<AppState>) -> Response {
+    let budgets = state.budgets();
+    Json(json!({
+        "budgets": budgets.report().await,
+        "pending_settles": budgets.pending_settles(),
+    }))
+    .into_response()
 }
 
 fn cache_off() -> Response {

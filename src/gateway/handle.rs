@@ -8,7 +8,8 @@
 //! 4. route: the model's first available target by priority and weight;
 //!    the response cache (`cache`), for a model that uses it: a hit answers
 //!    here, a plain miss may wait for an identical request in flight;
-//!    then the key, model and global rate limits;
+//!    then the key, model and global rate limits, then the key, model and
+//!    global spend budgets (`budget`);
 //! 5. the upstream stack (`stack`): retries, failover, hedging, breakers and
 //!    concurrency limits around each attempt, under one deadline;
 //! 6. the reply: a buffered body, or a stream forwarded event by event
@@ -229,6 +230,26 @@ async fn run(
         0
     };
 
+    // Spend budgets of the key, the model and globally, once per request,
+    // after the rate limits (a request they refuse reserves nothing) and
+    // never for a cache hit (answered above). Upstream budgets are reserved
+    // per attempt, at the upstream it goes to (`stack::limits`).
+    let budgets = state.budgets();
+    let budget_micros = if budgets.is_empty() {
+        0
+    } else {
+        let default_max_tokens = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => limiter.settings().default_max_tokens,
+        };
+        let micros = crate::usage::worst_case_micros(
+            model.config.price.as_ref(),
+            crate::ratelimit::estimate(&body, default_max_tokens),
+        );
+        record.set_budget(budgets.reserve_request(&key, &route.label, micros).await?);
+        micros
+    };
+
     let headers = forwardable_headers(&parts.headers);
     // A sampled share of a shadowed model's requests is mirrored, in the
     // background, beside the primary (see `shadow`).
@@ -237,6 +258,7 @@ async fn run(
             shadow: shadow.clone(),
             sinks: state.sinks().clone(),
             limiter: limiter.clone(),
+            budgets: budgets.clone(),
             endpoint,
             parsed: parsed.clone(),
             body: body.clone(),
@@ -257,6 +279,8 @@ async fn run(
         attempts: AtomicU32::new(0),
         limiter: limiter.clone(),
         estimated_tokens,
+        budgets: budgets.clone(),
+        budget_micros,
         trace: record.start_trace(&parts.headers),
     });
     let first = route.first_target()?;
@@ -281,6 +305,9 @@ async fn run(
     record.hold_in_flight(answer.in_flight);
     if let Some(admission) = answer.admission {
         record.set_admission(admission);
+    }
+    if let Some(budget) = answer.budget {
+        record.set_budget(budget);
     }
     let upstream_label = HeaderValue::from_str(&upstream.name).unwrap_or(HeaderValue::from_static("-"));
     match answer.reply {

@@ -11,6 +11,7 @@ use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::budget::Reservation;
 use crate::cache::CacheResult;
 use crate::config::Price;
 use crate::error::GatewayError;
@@ -66,6 +67,8 @@ pub struct RequestRecord {
     in_flight: Option<InFlight>,
     /// Rate-limit reservations, reconciled with the real usage at the end.
     admission: Option<Admission>,
+    /// Spend-budget reservations, settled with the real cost at the end.
+    budget: Option<Reservation>,
     usage: Option<Usage>,
     ttft: Option<Duration>,
     stream: bool,
@@ -104,6 +107,7 @@ impl RequestRecord {
             permits: Vec::new(),
             in_flight: None,
             admission: None,
+            budget: None,
             usage: None,
             ttft: None,
             stream: false,
@@ -199,6 +203,17 @@ impl RequestRecord {
         self.admission = Some(match self.admission.take() {
             Some(earlier) => earlier.merge(admission),
             None => admission,
+        });
+    }
+
+    /// Adds spend-budget reservations (the request's, then the attempt's).
+    pub fn set_budget(&mut self, reservation: Reservation) {
+        if reservation.is_none() {
+            return;
+        }
+        self.budget = Some(match self.budget.take() {
+            Some(earlier) => earlier.merge(reservation),
+            None => reservation,
         });
     }
 
@@ -351,6 +366,16 @@ impl RequestRecord {
             (Some(u), Some(price)) => u.cost(price),
             _ => 0.0,
         };
+        if let Some(budget) = self.budget.take() {
+            // The real cost: from the upstream's usage, or for a stream cut
+            // short (the client left) its estimate from what was streamed;
+            // never the whole reservation. No usage (a failed attempt): 0.
+            let micros = match (usage, &self.price) {
+                (Some(u), Some(price)) => u.cost_micros(price),
+                _ => 0,
+            };
+            budget.settle_in_background(micros);
+        }
         let content_hash = self.text.as_deref().map(content_hash);
         let trace = self.trace.take();
         self.sinks.write(Finished {

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::Budgets;
 use crate::cache::Cache;
 use crate::config::{Config, ModelConfig, UpstreamConfig};
 use crate::gateway::auth::ClientKeys;
@@ -83,6 +84,8 @@ impl UpstreamRegistry {
 pub enum BuildError {
     #[error("rate limiting: {0}")]
     RateLimit(String),
+    #[error("budgets: {0}")]
+    Budget(String),
     #[error("response cache: {0}")]
     Cache(String),
     #[error("cannot open the usage ledger: {0}")]
@@ -187,6 +190,8 @@ struct Shared {
     config_path: OnceLock<PathBuf>,
     /// Built once: its buckets (and its Redis connection) outlive reloads.
     limiter: Limiter,
+    /// Built once like the limiter: `[[budgets]]` apply at start.
+    budgets: Budgets,
     /// The response cache's store, built once like the limiter: `[cache]`
     /// applies at start; which models use it follows reloads.
     cache: Option<Arc<Cache>>,
@@ -207,6 +212,10 @@ impl AppState {
 
     pub fn limiter(&self) -> &Limiter {
         &self.inner.limiter
+    }
+
+    pub fn budgets(&self) -> &Budgets {
+        &self.inner.budgets
     }
 
     pub fn cache(&self) -> Option<&Arc<Cache>> {
@@ -243,6 +252,10 @@ impl AppState {
                 let rule_names = |c: &Config| c.rate_limits.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>();
                 if rule_names(&runtime.config) != rule_names(&inner.runtime.load().config) {
                     tracing::warn!("rate limit rules changed: they apply at the next start, not on reload");
+                }
+                let budgets = |c: &Config| c.budgets.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>();
+                if budgets(&runtime.config) != budgets(&inner.runtime.load().config) {
+                    tracing::warn!("budgets changed: they apply at the next start, not on reload");
                 }
                 // Debug, not the config itself: the Redis URL is a secret and
                 // prints redacted, so a changed URL alone goes unnoticed here.
@@ -301,6 +314,16 @@ impl AppState {
         )
         .await
         .map_err(BuildError::RateLimit)?;
+        let budgets = Budgets::new(
+            config.budget.clone(),
+            config.budgets.clone(),
+            metrics.registry(),
+            Box::new(crate::budget::SystemClock),
+        )
+        .await
+        .map_err(BuildError::Budget)?;
+        restore_budgets(&budgets, &config);
+        warn_unpriced(&config);
         let ledger = match &config.ledger {
             None => None,
             Some(l) => {
@@ -343,6 +366,7 @@ impl AppState {
                 started: Instant::now(),
                 config_path: OnceLock::new(),
                 limiter,
+                budgets,
                 cache,
             }),
         })
@@ -351,6 +375,60 @@ impl AppState {
     /// Remembers the file the config came from, for `reload`.
     pub fn set_config_path(&self, path: &std::path::Path) {
         let _ = self.inner.config_path.set(path.to_path_buf());
+    }
+}
+
+/// The local backend keeps spend in memory: at start, the current periods
+/// are rebuilt from the ledger, when there is one (docs/budgets.md). Before
+/// the ledger is opened for writing, so no line is read twice.
+fn restore_budgets(budgets: &Budgets, config: &Config) {
+    let (Some(ledger), false) = (&config.ledger, budgets.is_empty()) else {
+        return;
+    };
+    if !matches!(config.budget.backend, crate::ratelimit::Backend::Local) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let mut lines = 0u64;
+    let read = crate::telemetry::ledger::read(&ledger.path, |line| {
+        let Some(unix) = humantime::parse_rfc3339_weak(&line.time)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        else {
+            return;
+        };
+        lines += 1;
+        budgets.restore(crate::budget::Spend {
+            unix: unix.as_secs() as i64,
+            key: &line.key,
+            model: &line.model,
+            upstream: line.upstream.as_deref(),
+            shadow: line.shadow,
+            micros: crate::budget::usd_to_micros(line.cost_usd),
+        });
+    });
+    match read {
+        Ok(()) => tracing::info!(
+            lines,
+            took_ms = started.elapsed().as_millis() as u64,
+            "budgets: spend of the current periods rebuilt from the ledger"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, "budgets: cannot read the ledger; spend starts from 0"),
+    }
+}
+
+/// A budget that meets a model without a price never sees its requests
+/// cost anything: say so once, at start.
+fn warn_unpriced(config: &Config) {
+    if config.budgets.is_empty() {
+        return;
+    }
+    for m in config.models.iter().filter(|m| m.price.is_none()) {
+        tracing::warn!(
+            model = %m.name,
+            "budgets: this model has no price, so its requests spend nothing against any budget"
+        );
     }
 }
 

@@ -21,6 +21,7 @@ use prometheus::{Counter, Histogram, IntCounter};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::budget::{Budgets, Reservation};
 use crate::config::ShadowConfig;
 use crate::outcome::{ErrorType, Outcome, Status, Verdict};
 use crate::ratelimit::Limiter;
@@ -77,6 +78,8 @@ pub struct Mirror {
     pub sinks: Arc<Sinks>,
     /// Shadows count against the shadow upstream's rate limits.
     pub limiter: Limiter,
+    /// And spend its upstream's and the global budgets (never the key's).
+    pub budgets: Budgets,
     pub endpoint: Endpoint,
     pub parsed: ParsedRequest,
     pub body: Bytes,
@@ -110,6 +113,8 @@ struct Outcome2 {
     usage: Option<Usage>,
     ttft: Option<Duration>,
     text: Option<String>,
+    /// The shadow upstream's and the global budgets' reservation.
+    budget: Option<Reservation>,
 }
 
 async fn run(m: &Mirror) {
@@ -144,6 +149,9 @@ async fn run(m: &Mirror) {
     let cost = shadow.config.price.map_or(0.0, |p| usage.cost(&p));
     if cost > 0.0 {
         shadow.cost.inc_by(cost);
+    }
+    if let Some(budget) = result.budget {
+        budget.settle_in_background(crate::budget::usd_to_micros(cost));
     }
     let hash = (m.parsed.temperature_zero)
         .then(|| result.text.as_deref().map(content_hash))
@@ -190,6 +198,7 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
         usage: None,
         ttft: None,
         text: None,
+        budget: None,
     };
     let ticket = match upstream.state.breaker.try_acquire() {
         Ok(t) => t,
@@ -204,6 +213,23 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
         }
     } else {
         None
+    };
+    let budget = if m.budgets.is_empty() {
+        None
+    } else {
+        let micros = crate::usage::worst_case_micros(
+            shadow.config.price.as_ref(),
+            crate::ratelimit::estimate(&m.body, limiter.settings().default_max_tokens),
+        );
+        match m.budgets.reserve_shadow(&upstream.name, micros).await {
+            Ok(r) => Some(r),
+            Err(_) => {
+                if let Some(a) = admission {
+                    a.reconcile_in_background(0);
+                }
+                return fail(Outcome::RateLimited, 429);
+            }
+        }
     };
     let deadline = started + upstream.config.request_timeout;
     let reply = upstream
@@ -240,6 +266,7 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
                 usage,
                 ttft: None,
                 text: want_text.then(|| message_text(&body)).flatten(),
+                budget: None,
             }
         }
         Ok(Reply::Stream { first, mut reader, .. }) => {
@@ -280,6 +307,7 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
                 usage,
                 ttft: Some(ttft),
                 text: want_text.then_some(text),
+                budget: None,
             }
         }
     };
@@ -287,5 +315,5 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
         let used = out.usage.map_or(0, |u| u.prompt + u.completion);
         admission.reconcile(used).await;
     }
-    out
+    Outcome2 { budget, ..out }
 }

@@ -90,6 +90,7 @@ impl Service<Call> for AttemptService {
                 started,
                 permit: None,
                 admission: None,
+                budget: None,
                 ticket: None,
                 in_flight: None,
             });

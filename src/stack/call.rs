@@ -15,6 +15,7 @@ use super::balance::InFlight;
 use super::route::{Route, Target};
 use crate::error::{GatewayError, TimeoutKind};
 use crate::outcome::{Status, Verdict};
+use crate::budget::{Budgets, Reservation};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
 use crate::telemetry::otel::{AttemptSpan, TraceContext};
@@ -40,6 +41,10 @@ pub struct CallContext {
     pub limiter: Limiter,
     /// Tokens reserved per rate-limit admission before usage is known.
     pub estimated_tokens: u64,
+    /// For upstream-scoped spend budgets, per attempt.
+    pub budgets: Budgets,
+    /// The request's worst-case cost, reserved per budget (micro-dollars).
+    pub budget_micros: i64,
     /// With OTLP export on: the trace context for attempt spans (parent =
     /// the request span) and where the attempts put their spans.
     pub trace: Option<(TraceContext, Arc<Mutex<Vec<AttemptSpan>>>)>,
@@ -73,6 +78,8 @@ pub struct Answer {
     pub permit: Option<OwnedSemaphorePermit>,
     /// Upstream-scoped rate-limit reservations, reconciled with the usage.
     pub admission: Option<Admission>,
+    /// Upstream-scoped budget reservations, settled with the real cost.
+    pub budget: Option<Reservation>,
     /// A committed stream's breaker verdict, owed when the stream ends
     /// (`circuit`): the attempt counts once, as what it turned out to be.
     pub ticket: Option<Ticket>,

@@ -2,10 +2,11 @@
 //! ill health) and outside the attempt (a refused attempt makes no call):
 //!
 //! - `UpstreamLimit`: upstream-scoped rate limits, the relay account's own
-//!   quota. A refusal made no upstream call, so the retry policy treats it
-//!   like a full upstream and fails over; with nowhere to go, the client
-//!   gets the limiter's 429. Key, model and global rules run once per
-//!   request, before the stack, in `gateway::handle`.
+//!   quota, then upstream-scoped spend budgets (a relay's prepaid credit).
+//!   A refusal made no upstream call, so the retry policy treats it like a
+//!   full upstream and fails over; with nowhere to go, the client gets the
+//!   429. Key, model and global rules and budgets run once per request,
+//!   before the stack, in `gateway::handle`.
 //! - `Concurrency`: the upstream's `max_concurrency`, a fast refusal when full.
 
 use std::task::{Context, Poll};
@@ -13,6 +14,7 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
 use super::call::{Answer, AttemptError, BoxFuture, Call};
+use crate::error::GatewayError;
 use crate::outcome::ErrorType;
 
 #[derive(Clone, Default)]
@@ -45,30 +47,51 @@ where
 
     fn call(&mut self, call: Call) -> BoxFuture {
         let limiter = call.ctx.limiter.clone();
-        if !limiter.has_rules() {
+        let budgets = call.ctx.budgets.clone();
+        if !limiter.has_rules() && budgets.is_empty() {
             return Box::pin(self.inner.call(call));
         }
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let upstream = call.upstream().index;
             let name = call.upstream().name.clone();
-            let admission = limiter
-                .admit_upstream(&name, call.ctx.estimated_tokens)
-                .await
-                .map_err(|rejection| AttemptError {
-                    error: rejection.into(),
-                    error_type: ErrorType::RateLimited,
-                    status: None,
-                    upstream: Some(upstream),
-                })?;
+            let refused = |error: GatewayError| AttemptError {
+                error,
+                error_type: ErrorType::RateLimited,
+                status: None,
+                upstream: Some(upstream),
+            };
+            let admission = if limiter.has_rules() {
+                Some(
+                    limiter
+                        .admit_upstream(&name, call.ctx.estimated_tokens)
+                        .await
+                        .map_err(|r| refused(r.into()))?,
+                )
+            } else {
+                None
+            };
+            let budget = match budgets.reserve_upstream(&name, call.ctx.budget_micros).await {
+                Ok(r) => r,
+                Err(rejection) => {
+                    if let Some(a) = admission {
+                        a.reconcile_in_background(0);
+                    }
+                    return Err(refused(rejection.into()));
+                }
+            };
             match inner.call(call).await {
                 Ok(mut answer) => {
-                    answer.admission = Some(admission);
+                    answer.admission = admission;
+                    answer.budget = Some(budget);
                     Ok(answer)
                 }
                 Err(e) => {
-                    // The attempt used no tokens.
-                    admission.reconcile_in_background(0);
+                    // The attempt used no tokens and cost nothing.
+                    if let Some(a) = admission {
+                        a.reconcile_in_background(0);
+                    }
+                    budget.settle_in_background(0);
                     Err(e)
                 }
             }

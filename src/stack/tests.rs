@@ -81,6 +81,8 @@ targets = [{{ upstream = "a", priority = 0 }}, {{ upstream = "b", priority = 1 }
         attempts: AtomicU32::new(0),
         limiter,
         estimated_tokens: 0,
+        budgets: crate::budget::Budgets::none(),
+        budget_micros: 0,
         trace: None,
     });
     (route, ctx, metrics)
@@ -111,6 +113,7 @@ fn answer(call: &Call, reply: Reply) -> Result<Answer, AttemptError> {
         started: Instant::now(),
         permit: None,
         admission: None,
+        budget: None,
         ticket: None,
         in_flight: None,
     })

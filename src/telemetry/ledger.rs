@@ -80,6 +80,23 @@ pub struct LedgerLine {
     pub saved_usd: Option<f64>,
 }
 
+/// Calls `each` with every line of the ledger at `path` that parses
+/// (malformed and blank lines are skipped), reading it once, in order.
+pub fn read(path: &Path, mut each: impl FnMut(LedgerLine)) -> io::Result<()> {
+    use std::io::BufRead;
+    let mut reader = io::BufReader::new(File::open(path)?);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        if let Ok(line) = serde_json::from_slice::<LedgerLine>(&buf) {
+            each(line);
+        }
+    }
+}
+
 /// `time` as the ledger writes it: RFC 3339 UTC with milliseconds,
 /// e.g. `2025-06-01T12:00:00.123Z`.
 pub fn format_time(t: SystemTime) -> String {
