@@ -19,7 +19,9 @@
 //!   timeout never counts twice.
 //!
 //! Both return `spent` and `reserved` after the call, which the engine
-//! mirrors for `/metrics` and `/admin/budgets`.
+//! mirrors for `/metrics` and `/admin/budgets`. Amounts go to `HINCRBY` as
+//! the strings they came in: Lua 5.1 prints numbers above 10^14 as
+//! `1e+14`, which `HINCRBY` refuses.
 
 use redis::{RedisResult, Script};
 use secrecy::SecretString;
@@ -61,11 +63,11 @@ for i = 2, #KEYS do
   out[#out + 1] = reserved + amount
 end
 for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'reserved', amount)
+  redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[1])
   local at = tonumber(ARGV[2 * i])
   if at > 0 then redis.call('PEXPIREAT', KEYS[i], at) end
 end
-redis.call('HSET', KEYS[1], 'r', amount)
+redis.call('HSET', KEYS[1], 'r', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return out
 "#;
@@ -78,17 +80,21 @@ return out
 /// where crossed is the bit set of thresholds this call crossed.
 const SETTLE: &str = r#"
 if redis.call('HEXISTS', KEYS[1], 's') == 1 then return {0} end
-local held = tonumber(redis.call('HGET', KEYS[1], 'r')) or 0
-local cost = tonumber(ARGV[1])
+local held = redis.call('HGET', KEYS[1], 'r')
 local out = {1}
 for i = 2, #KEYS do
   local k = KEYS[i]
-  local reserved = redis.call('HINCRBY', k, 'reserved', -held)
+  local reserved
+  if held and held ~= '0' then
+    reserved = redis.call('HINCRBY', k, 'reserved', '-' .. held)
+  else
+    reserved = tonumber(redis.call('HGET', k, 'reserved')) or 0
+  end
   if reserved < 0 then
     redis.call('HSET', k, 'reserved', 0)
     reserved = 0
   end
-  local spent = redis.call('HINCRBY', k, 'spent', cost)
+  local spent = redis.call('HINCRBY', k, 'spent', ARGV[1])
   local at = tonumber(ARGV[2 * i - 1])
   if at > 0 then redis.call('PEXPIREAT', k, at) end
   local had = tonumber(redis.call('HGET', k, 't')) or 0

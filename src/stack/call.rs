@@ -13,9 +13,9 @@ use tokio::time::Instant;
 
 use super::balance::InFlight;
 use super::route::{Route, Target};
+use crate::budget::{Budgets, Reservation};
 use crate::error::{GatewayError, TimeoutKind};
 use crate::outcome::{Status, Verdict};
-use crate::budget::{Budgets, Reservation};
 use crate::ratelimit::{Admission, Limiter};
 use crate::request::{Endpoint, ParsedRequest};
 use crate::telemetry::otel::{AttemptSpan, TraceContext};

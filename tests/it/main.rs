@@ -26,6 +26,7 @@ mod common;
 mod redis_support;
 
 mod architecture;
+mod budget;
 mod cache;
 mod cli;
 mod gateway;
