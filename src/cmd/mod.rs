@@ -84,7 +84,7 @@ pub fn main() -> ExitCode {
             Command::Check { config } => check(&config.config),
             Command::Doctor(args) => crate::cmd::doctor::run(args).await,
             Command::Demo(args) => crate::cmd::demo::run(args).await,
-            Command::Usage(args) => crate::cmd::usage::run(args),
+            Command::Usage(args) => crate::cmd::usage::run(args).await,
             Command::Compare(args) => compare::compare(args),
         }
     });

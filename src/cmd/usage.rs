@@ -3,7 +3,14 @@
 //!
 //! ```text
 //! relaygate usage --ledger FILE [--since 24h] [--by key|model|upstream|day] [--include-shadow]
+//! relaygate usage --ledger FILE --by budget --config FILE [--gateway URL]
 //! ```
+//!
+//! `--by budget` is a reconciliation: each `[[budgets]]` entry's spend in
+//! its current period, summed from the ledger the way the budgets count it
+//! (shadows against upstream and global budgets only), beside the live
+//! counters of a running gateway (`GET /admin/budgets` with the config's
+//! admin key), with the difference. It exits 1 when they differ.
 //!
 //! One row per group, sorted by name, then a TOTAL row. `EST_%` is the
 //! share of a row's requests whose usage relaygate estimated because the
@@ -35,6 +42,9 @@ pub enum GroupBy {
     Upstream,
     /// UTC date of the request's end, YYYY-MM-DD (providers bill by UTC day).
     Day,
+    /// Each spend budget's current period, ledger against live counters
+    /// (needs --config; --gateway for the counters).
+    Budget,
 }
 
 impl GroupBy {
@@ -44,6 +54,7 @@ impl GroupBy {
             GroupBy::Model => "MODEL",
             GroupBy::Upstream => "UPSTREAM",
             GroupBy::Day => "DAY",
+            GroupBy::Budget => "BUDGET",
         }
     }
 }
@@ -62,6 +73,13 @@ pub struct UsageArgs {
     /// Also include shadow requests (default: excluded).
     #[arg(long)]
     pub include_shadow: bool,
+    /// The config whose `[[budgets]]` `--by budget` reconciles.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A running gateway (`http://host:port`) whose budget counters
+    /// `--by budget` compares with the ledger, with the config's admin key.
+    #[arg(long)]
+    pub gateway: Option<String>,
 }
 
 /// The sums for one row.
@@ -197,6 +215,7 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
             },
             // format_rfc3339 is always UTC: its first 10 characters are the date.
             GroupBy::Day => humantime::format_rfc3339_seconds(time).to_string()[..10].to_owned(),
+            GroupBy::Budget => unreachable!("--by budget is reported by `budgets`"),
         };
         groups.entry(name).or_default().add(&line);
     }
@@ -255,10 +274,166 @@ pub fn report(args: &UsageArgs, now: SystemTime) -> Result<String, String> {
 }
 
 /// `relaygate usage`: prints `report(args, now)` to stdout.
-pub fn run(args: UsageArgs) -> Result<ExitCode, String> {
+pub async fn run(args: UsageArgs) -> Result<ExitCode, String> {
+    if args.by == GroupBy::Budget {
+        let (table, differs) = budgets(&args).await?;
+        print!("{table}");
+        return Ok(if differs { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+    }
     let table = report(&args, SystemTime::now())?;
     print!("{table}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--by budget`: the table, and whether ledger and counters differ.
+pub async fn budgets(args: &UsageArgs) -> Result<(String, bool), String> {
+    use crate::budget::{BudgetSettings, Budgets, Spend, SystemClock};
+    let path = args
+        .config
+        .as_ref()
+        .ok_or("--by budget needs --config (the [[budgets]] to reconcile)")?;
+    let config = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+    if config.budgets.is_empty() {
+        return Err(format!("{}: no [[budgets]]", path.display()));
+    }
+    // The ledger replayed into a local engine of the same budgets: the
+    // same matching and periods as the gateway's own rebuild.
+    let engine = Budgets::new(
+        BudgetSettings::default(),
+        config.budgets.clone(),
+        &prometheus::Registry::new(),
+        Box::new(SystemClock),
+    )
+    .await?;
+    let mut lines = 0u64;
+    crate::telemetry::ledger::read(&args.ledger, |l| {
+        let Ok(t) = humantime::parse_rfc3339_weak(&l.time) else {
+            return;
+        };
+        let unix = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        lines += 1;
+        engine.restore(Spend {
+            unix,
+            key: &l.key,
+            model: &l.model,
+            upstream: l.upstream.as_deref(),
+            shadow: l.shadow,
+            micros: crate::budget::usd_to_micros(l.cost_usd),
+        });
+    })
+    .map_err(|e| format!("cannot read ledger {}: {e}", args.ledger.display()))?;
+    let counters = match &args.gateway {
+        None => None,
+        Some(url) => Some(fetch_counters(url, config.admin_key.as_ref()).await?),
+    };
+    let mut rows = vec![[
+        "BUDGET",
+        "NAME",
+        "PERIOD_START",
+        "LIMIT_USD",
+        "LEDGER_USD",
+        "COUNTER_USD",
+        "DIFF_USD",
+    ]
+    .map(str::to_owned)];
+    let mut differs = Vec::new();
+    for b in engine.report().await {
+        let mut names: Vec<String> = b.buckets.iter().map(|n| n.name.clone()).collect();
+        if let Some(c) = &counters {
+            for (budget, name, _) in c {
+                if *budget == b.name && !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        for name in names {
+            let ledger = b.buckets.iter().find(|n| n.name == name).map_or(0.0, |n| n.spent_usd);
+            let counter = counters.as_ref().map(|c| {
+                c.iter()
+                    .find(|(budget, n, _)| *budget == b.name && *n == name)
+                    .map_or(0.0, |(_, _, spent)| *spent)
+            });
+            let diff = counter.map(|c| c - ledger);
+            if diff.is_some_and(|d| d.abs() >= 0.000_001) {
+                differs.push(format!("{}/{name}", b.name));
+            }
+            rows.push([
+                b.name.clone(),
+                name,
+                b.period_start.clone(),
+                format!("{:.6}", b.limit_usd),
+                format!("{ledger:.6}"),
+                counter.map_or("-".into(), |c| format!("{c:.6}")),
+                diff.map_or("-".into(), |d| format!("{d:+.6}")),
+            ]);
+        }
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = format!(
+        "ledger {}: {lines} lines, against the current period of each budget in {}\n",
+        args.ledger.display(),
+        path.display()
+    );
+    for row in &rows {
+        let mut text = format!("{:<w0$}  {:<w1$}", row[0], row[1], w0 = widths[0], w1 = widths[1]);
+        for (cell, w) in row.iter().zip(widths).skip(2) {
+            let _ = write!(text, "  {cell:>w$}");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    match (&counters, differs.is_empty()) {
+        (None, _) => out.push_str("note: pass --gateway URL to compare with a running gateway's counters\n"),
+        (Some(_), true) => out.push_str("ledger and counters agree\n"),
+        (Some(_), false) => {
+            let _ = writeln!(
+                out,
+                "DIFFERENCE in {}: requests in flight, ledger lines dropped \
+                 (relaygate_ledger_dropped_total), or replicas whose ledgers are elsewhere",
+                differs.join(", ")
+            );
+        }
+    }
+    Ok((out, !differs.is_empty()))
+}
+
+/// `(budget, name, spent_usd)` from a gateway's `GET /admin/budgets`.
+async fn fetch_counters(
+    url: &str,
+    admin_key: Option<&crate::config::Secret>,
+) -> Result<Vec<(String, String, f64)>, String> {
+    let key = admin_key.ok_or("--gateway needs [admin] key in the config")?;
+    let url = format!("{}/admin/budgets", url.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(key.expose())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("GET {url}: HTTP {}", response.status()));
+    }
+    let bytes = response.bytes().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| format!("GET {url}: {e}"))?;
+    let mut out = Vec::new();
+    for b in body["budgets"].as_array().into_iter().flatten() {
+        for n in b["buckets"].as_array().into_iter().flatten() {
+            out.push((
+                b["name"].as_str().unwrap_or_default().to_owned(),
+                n["name"].as_str().unwrap_or_default().to_owned(),
+                n["spent_usd"].as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -558,3 +558,69 @@ async fn a_settle_replayed_against_redis_counts_once() {
     budgets.apply(&s2).await;
     assert_eq!(budgets.report().await[0].buckets[0].spent_usd, 0.00124);
 }
+
+#[tokio::test]
+async fn usage_by_budget_reconciles_the_ledger_with_the_counters() {
+    use relaygate::cmd::usage::{budgets, GroupBy, UsageArgs};
+    let sim = Sim::start("a", Faults::default()).await.unwrap();
+    let ledger = temp_dir().join("usage.jsonl");
+    let config = exact(
+        config_for(&[("a", &sim)]),
+        &format!(
+            "[ledger]\npath = \"{}\"\n\n[[budgets]]\nname = \"per-key\"\nscope = \"key\"\nusd = 1\nperiod = \"week\"\n",
+            ledger.display()
+        ),
+    );
+    let path = temp_file("relaygate.toml", &config);
+    let mut gw = Gateway::start(&config, &[]).await;
+    for _ in 0..3 {
+        assert_eq!(post_chat(&gw, &five_tokens()).await.status(), 200);
+    }
+    wait_spent(&gw.url, "per-key", "app-a", 0.03).await;
+    // The ledger is written in batches: wait for its three lines.
+    eventually(Duration::from_secs(5), "three ledger lines", || async {
+        std::fs::read_to_string(&ledger).map_or(0, |t| t.lines().count()) == 3
+    })
+    .await;
+    let args = UsageArgs {
+        ledger: ledger.clone(),
+        since: None,
+        by: GroupBy::Budget,
+        include_shadow: false,
+        config: Some(path.clone()),
+        gateway: Some(gw.url.clone()),
+    };
+    let (table, differs) = budgets(&args).await.unwrap();
+    assert!(!differs, "{table}");
+    assert!(table.contains("ledger and counters agree"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("per-key")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[1..],
+        ["app-a", cells[2], "1.000000", "0.030000", "0.030000", "+0.000000"]
+    );
+    // One more request the ledger has not seen (as if its line was lost).
+    gw.begin_shutdown();
+    gw.stopped().await.unwrap();
+    let text = std::fs::read_to_string(&ledger).unwrap();
+    std::fs::write(&ledger, text.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    let gw = Gateway::start(
+        &config.replace(
+            &ledger.display().to_string(),
+            &temp_dir().join("other.jsonl").display().to_string(),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(post_chat(&gw, &five_tokens()).await.status(), 200);
+    wait_spent(&gw.url, "per-key", "app-a", 0.01).await;
+    let (table, differs) = budgets(&UsageArgs {
+        gateway: Some(gw.url.clone()),
+        ..args
+    })
+    .await
+    .unwrap();
+    assert!(differs, "{table}");
+    assert!(table.contains("DIFFERENCE in per-key/app-a"), "{table}");
+    assert!(table.contains("-0.010000"), "{table}");
+}

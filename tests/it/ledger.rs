@@ -288,6 +288,8 @@ fn args(path: &Path, by: GroupBy, since: Option<&str>, include_shadow: bool) -> 
         since: since.map(|s| humantime::parse_duration(s).unwrap()),
         by,
         include_shadow,
+        config: None,
+        gateway: None,
     }
 }
 

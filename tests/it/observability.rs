@@ -324,6 +324,8 @@ async fn ledger_lines_match_requests_one_to_one_after_a_burst_and_shutdown() {
         since: None,
         by: relaygate::cmd::usage::GroupBy::Model,
         include_shadow: false,
+        config: None,
+        gateway: None,
     };
     let report = relaygate::cmd::usage::report(&args, std::time::SystemTime::now()).unwrap();
     assert!(report.contains("deepseek-chat") && report.contains("TOTAL"), "{report}");
