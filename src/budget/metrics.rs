@@ -29,12 +29,13 @@ struct Gauges {
     spent: GaugeVec,
     reserved: GaugeVec,
     limit: GaugeVec,
+    resets_at: GaugeVec,
     shared: Arc<Shared>,
 }
 
 impl Collector for Gauges {
     fn desc(&self) -> Vec<&Desc> {
-        [&self.spent, &self.reserved, &self.limit]
+        [&self.spent, &self.reserved, &self.limit, &self.resets_at]
             .into_iter()
             .flat_map(|g| g.desc())
             .collect()
@@ -55,8 +56,11 @@ impl Collector for Gauges {
             self.spent.with_label_values(&name).set(spent as f64 / 1e6);
             self.reserved.with_label_values(&name).set(reserved as f64 / 1e6);
             self.limit.with_label_values(&name).set(b.micros as f64 / 1e6);
+            if bounds.resets() {
+                self.resets_at.with_label_values(&name).set(bounds.end as f64);
+            }
         }
-        [&self.spent, &self.reserved, &self.limit]
+        [&self.spent, &self.reserved, &self.limit, &self.resets_at]
             .into_iter()
             .flat_map(|g| g.collect())
             .collect()
@@ -77,6 +81,10 @@ impl Metrics {
                 "Worst-case cost reserved by requests in flight in the budget's current period, USD.",
             )?,
             limit: gauge("relaygate_budget_limit_usd", "The budget's cap per period, USD.")?,
+            resets_at: gauge(
+                "relaygate_budget_resets_at_seconds",
+                "When the budget's current period ends, Unix seconds (absent for total budgets): the horizon of BudgetBurnTooFast.",
+            )?,
             shared: shared.clone(),
         };
         let m = Metrics {
