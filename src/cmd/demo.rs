@@ -179,6 +179,9 @@ pub async fn run(mut args: DemoArgs) -> Result<ExitCode, String> {
     println!("    deepseek-cached  the same pair behind the response cache (see /admin/cache)");
     println!("    deepseek-flaky   sim-flaky alone: its errors reach the client");
     println!("    deepseek-fastest the same pair, routed by latency (time to first token; failures never look fast)");
+    println!("  budgets (see /admin/budgets and the dashboard's Spend budgets row):");
+    println!("    demo-daily          $0.005 a day, warn only: the traffic crosses 80% and 95% within a minute");
+    println!("    demo-flaky-monthly  $1 a month on deepseek-flaky: 429 insufficient_quota once spent");
     println!();
     println!("Base URL: {base}   (any API key works)");
     println!();
