@@ -214,6 +214,77 @@ fn limiter(c: &mut Criterion) {
     });
 }
 
+/// What one local budget adds to a request (issue 17: at most 1 µs): the
+/// estimate split into prompt and completion, priced into micro-dollars,
+/// the lock-free reservation, and the settle at the real cost. A budget per
+/// key without `match` (a name lookup) and a `warn_at` check included.
+fn budget(c: &mut Criterion) {
+    let raw = relaygate::budget::RawBudget {
+        name: "per-key".into(),
+        scope: "key".into(),
+        r#match: None,
+        usd: 1e9,
+        period: "month".into(),
+        timezone: None,
+        on_exceed: None,
+        warn_at: None,
+    };
+    let (settings, budgets) =
+        relaygate::budget::validate(None, vec![raw], &ratelimit::RateLimitSettings::default()).expect("valid budget");
+    let registry = prometheus::Registry::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let engine = rt
+        .block_on(relaygate::budget::Budgets::new(
+            settings,
+            budgets,
+            &registry,
+            Box::new(relaygate::budget::SystemClock),
+        ))
+        .expect("budgets");
+    let price = relaygate::config::Price {
+        input_per_mtok: 0.28,
+        output_per_mtok: 0.42,
+        cached_input_per_mtok: Some(0.028),
+    };
+    let body = chat_request(false);
+    let used = usage::Usage {
+        prompt: 20,
+        completion: 12,
+        cached_prompt: 0,
+        reasoning: 0,
+    };
+    let mut g = c.benchmark_group("budget");
+    g.bench_function("reserve_settle", |b| {
+        b.iter(|| {
+            let r = engine
+                .reserve_request(black_box("app-a"), black_box("deepseek-chat"), black_box(420))
+                .now_or_never()
+                .expect("a local reservation does not wait")
+                .expect("admitted");
+            r.settle_in_background(used.cost_micros(&price));
+        })
+    });
+    g.bench_function("estimate_price_reserve_settle", |b| {
+        b.iter(|| {
+            let micros = usage::worst_case_micros(Some(&price), ratelimit::estimate(black_box(&body), 1024));
+            let r = engine
+                .reserve_request(black_box("app-a"), black_box("deepseek-chat"), micros)
+                .now_or_never()
+                .expect("a local reservation does not wait")
+                .expect("admitted");
+            r.settle_in_background(used.cost_micros(&price));
+        })
+    });
+    g.bench_function("none", |b| {
+        let none = relaygate::budget::Budgets::none();
+        b.iter(|| black_box(&none).is_empty())
+    });
+    g.finish();
+}
+
 fn metrics(c: &mut Criterion) {
     let mut g = c.benchmark_group("metrics");
     let m = Metrics::new();
@@ -432,6 +503,6 @@ fn routing(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = sse, usage_extraction, model_rewrite, breaker, limiter, metrics, cache, routing
+    targets = sse, usage_extraction, model_rewrite, breaker, limiter, budget, metrics, cache, routing
 }
 criterion_main!(benches);

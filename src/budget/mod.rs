@@ -270,16 +270,20 @@ impl Budgets {
         }
         let amount = micros.max(0);
         let now = inner.shared.clock.now();
-        let bounds: Vec<Bounds> = matched
-            .iter()
-            .map(|&(b, _)| {
-                let budget = &inner.shared.budgets[b];
-                budget.period.bounds(budget.zone, now)
-            })
-            .collect();
         let Some(redis) = &inner.redis else {
-            let held = held_in(&inner.shared.view, &matched, &bounds);
-            return match inner.shared.view.reserve(&held, amount) {
+            let view = &inner.shared.view;
+            let held: Vec<Held> = matched
+                .iter()
+                .map(|&(b, bucket)| {
+                    let budget = &inner.shared.budgets[b];
+                    let bounds = budget.period.bounds(budget.zone, now);
+                    Held {
+                        budget: b,
+                        period: view.slots[b].bucket(bucket, || bounds).period(bounds),
+                    }
+                })
+                .collect();
+            return match view.reserve(&held, amount) {
                 Ok(()) => Ok(inner.reservation(Part {
                     source: Source::Local,
                     op: String::new(),
@@ -287,9 +291,16 @@ impl Budgets {
                     held,
                     targets: Vec::new(),
                 })),
-                Err(i) => Err(inner.reject(&matched[i], bounds[i], &inner.shared.view, &held[i], amount)),
+                Err(i) => Err(inner.reject(&matched[i], held[i].period.bounds, view, &held[i], amount)),
             };
         };
+        let bounds: Vec<Bounds> = matched
+            .iter()
+            .map(|&(b, _)| {
+                let budget = &inner.shared.budgets[b];
+                budget.period.bounds(budget.zone, now)
+            })
+            .collect();
         let targets: Vec<Target> = matched
             .iter()
             .zip(&bounds)
@@ -691,17 +702,25 @@ impl Inner {
         redis.flushing.store(false, Ordering::Release);
     }
 
+    /// The local parts of a settle: two atomic adds per budget, and the
+    /// thresholds.
+    fn settle_local(&self, parts: &[Part], cost: i64) {
+        for part in parts.iter().filter(|p| p.source == Source::Local) {
+            LocalStore::settle(&part.held, part.amount, cost);
+            for h in &part.held {
+                let bits = cross(&self.shared.budgets[h.budget], &h.period.crossed, h.period.spent());
+                self.count_crossed(h.budget, bits);
+            }
+        }
+    }
+
     async fn apply(self: &Arc<Self>, s: &Settlement) {
         let first = !s.applied.swap(true, Ordering::AcqRel);
         for part in &s.parts {
             match part.source {
                 Source::Local => {
                     if first {
-                        LocalStore::settle(&part.held, part.amount, s.cost);
-                        for h in &part.held {
-                            let bits = cross(&self.shared.budgets[h.budget], &h.period.crossed, h.period.spent());
-                            self.count_crossed(h.budget, bits);
-                        }
+                        self.settle_local(std::slice::from_ref(part), s.cost);
                     }
                 }
                 Source::Redis | Source::Fallback => {
@@ -852,13 +871,12 @@ impl Reservation {
         if self.parts.is_empty() {
             return;
         }
-        let settlement = self.settlement(cost);
-        if settlement.parts.iter().all(|p| p.source == Source::Local) {
-            use futures_util::FutureExt;
-            let done = Box::pin(inner.apply(&settlement)).now_or_never();
-            debug_assert!(done.is_some(), "a local settle does not wait");
+        if self.parts.iter().all(|p| p.source == Source::Local) {
+            // No I/O and consumed here: no settlement to make replayable.
+            inner.settle_local(&self.parts, cost.max(0));
             return;
         }
+        let settlement = self.settlement(cost);
         tokio::spawn(async move { inner.apply(&settlement).await });
     }
 }

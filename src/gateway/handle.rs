@@ -214,18 +214,26 @@ async fn run(
 
     // Key, model and global rate limits, once per request (queue rules may
     // wait here, bounded; a client that leaves drops out of the queue).
-    let estimated_tokens = if limiter.has_rules() {
+    // The (prompt, completion) token estimate, parsed once for whichever
+    // needs it: token rate limits and spend budgets.
+    let budgets = state.budgets();
+    let estimate = if limiter.counts_tokens() || !budgets.is_empty() {
         let default_max_tokens = match endpoint {
             Endpoint::Embeddings => 0,
             _ => limiter.settings().default_max_tokens,
         };
-        let estimate = if limiter.counts_tokens() {
-            crate::ratelimit::estimate_tokens(&body, default_max_tokens)
+        crate::ratelimit::estimate(&body, default_max_tokens)
+    } else {
+        (0, 0)
+    };
+    let estimated_tokens = if limiter.has_rules() {
+        let tokens = if limiter.counts_tokens() {
+            estimate.0.saturating_add(estimate.1)
         } else {
             0
         };
-        record.set_admission(limiter.admit_request(&key, &route.label, estimate).await?);
-        estimate
+        record.set_admission(limiter.admit_request(&key, &route.label, tokens).await?);
+        tokens
     } else {
         0
     };
@@ -234,18 +242,10 @@ async fn run(
     // after the rate limits (a request they refuse reserves nothing) and
     // never for a cache hit (answered above). Upstream budgets are reserved
     // per attempt, at the upstream it goes to (`stack::limits`).
-    let budgets = state.budgets();
     let budget_micros = if budgets.is_empty() {
         0
     } else {
-        let default_max_tokens = match endpoint {
-            Endpoint::Embeddings => 0,
-            _ => limiter.settings().default_max_tokens,
-        };
-        let micros = crate::usage::worst_case_micros(
-            model.config.price.as_ref(),
-            crate::ratelimit::estimate(&body, default_max_tokens),
-        );
+        let micros = crate::usage::worst_case_micros(model.config.price.as_ref(), estimate);
         record.set_budget(budgets.reserve_request(&key, &route.label, micros).await?);
         micros
     };
