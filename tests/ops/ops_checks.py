@@ -64,6 +64,15 @@ COUNTERS_AND_GAUGES = {
     "relaygate_cache_entries",
     "relaygate_cache_bytes",
     "relaygate_cache_backend_errors_total",
+    # Spend budgets (issue 17, docs/budgets.md).
+    "relaygate_budget_spent_usd",
+    "relaygate_budget_reserved_usd",
+    "relaygate_budget_limit_usd",
+    "relaygate_budget_resets_at_seconds",
+    "relaygate_budget_rejections_total",
+    "relaygate_budget_threshold_crossed_total",
+    "relaygate_budget_backend_errors_total",
+    "relaygate_budget_fallback_active",
 }
 HISTOGRAMS = {
     "relaygate_request_duration_seconds",
@@ -94,6 +103,8 @@ CONFIG_KEYS = {
                    "default_max_tokens"},
     "rate_limits": {"name", "scope", "match", "requests_per_minute", "tokens_per_minute", "burst", "on_limit",
                     "max_queue_wait"},
+    "budget": {"backend", "redis_url", "fail_mode", "expected_instances", "redis_timeout"},
+    "budgets": {"name", "scope", "match", "usd", "period", "timezone", "on_exceed", "warn_at"},
     "health": {"window", "degraded_below", "unhealthy_below"},
     "ledger": {"path", "capacity"},
     "otel": {"endpoint", "service_name"},
