@@ -87,7 +87,11 @@ async fn status_json(State(state): State<AppState>, headers: HeaderMap) -> Respo
         Access::Off | Access::Missing => false,
         Access::Wrong => return hardened(admin::wrong_key()),
     };
-    let mut response = Json(snapshot(&state, &runtime, admin)).into_response();
+    let mut body = snapshot(&state, &runtime, admin);
+    if let Some(budgets) = budgets(&state, admin).await {
+        body["budgets"] = budgets;
+    }
+    let mut response = Json(body).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -140,6 +144,10 @@ pub fn snapshot(state: &AppState, runtime: &Runtime, admin: bool) -> Value {
     }
     if let Some(cache) = state.cache() {
         body["cache"] = cache_section(cache, runtime);
+    }
+    let routing = routing(state, runtime);
+    if !routing.is_empty() {
+        body["routing"] = json!(routing);
     }
     let shadows = shadows(state, runtime);
     if !shadows.is_empty() {
@@ -280,6 +288,59 @@ fn cache_section(cache: &crate::cache::Cache, runtime: &Runtime) -> Value {
         .collect();
     let (entries, bytes) = cache.size().unzip();
     json!({ "backend": cache.backend_name(), "entries": entries, "bytes": bytes, "models": models })
+}
+
+/// Spend budgets, as `/admin/budgets` reports them (with Redis, read from
+/// it: one call per poll, bounded by its timeout). A key-scoped budget's
+/// buckets are client key names: their spend and the rule's `match` need
+/// the admin key, like `/admin`; the budget's cap and period do not.
+async fn budgets(state: &AppState, admin: bool) -> Option<Value> {
+    let report = state.budgets().report().await;
+    if report.is_empty() {
+        return None;
+    }
+    let mut list = serde_json::to_value(report).ok()?;
+    if !admin {
+        for b in list.as_array_mut()?.iter_mut().filter(|b| b["scope"] == "key") {
+            b["match"] = Value::Null;
+            b["buckets"] = json!([]);
+            b["buckets_hidden"] = json!(true);
+        }
+    }
+    Some(list)
+}
+
+/// The latency- and cost-routed models: each target's estimate and state
+/// (what the picks compare, `stack::balance`), and the picks since start.
+fn routing(state: &AppState, runtime: &Runtime) -> Vec<Value> {
+    let picks = Samples::of(&state.metrics().route_picks);
+    runtime
+        .models
+        .iter()
+        .filter_map(|m| {
+            let route = &m.route;
+            let loads = route.loads()?;
+            let name = m.config.name.as_str();
+            let targets: Vec<Value> = route
+                .targets
+                .iter()
+                .zip(loads)
+                .map(|(t, load)| {
+                    let upstream = &*t.upstream.name;
+                    json!({
+                        "upstream": upstream,
+                        "model": t.model,
+                        "priority": t.priority,
+                        "estimate_seconds": load.estimate,
+                        "in_flight": load.in_flight,
+                        "state": load.state,
+                        "picks": picks.sum(|s| label(s, "model") == name && label(s, "upstream") == upstream),
+                    })
+                })
+                .collect();
+            Some(json!({ "model": name, "strategy": route.routing.strategy.as_str(), "targets": targets }))
+        })
+        .collect()
 }
 
 /// Requests, those that count toward the success rate (as in the `/health`

@@ -30,7 +30,10 @@ const PAGE_BUDGET: usize = 60 * 1024;
 #[tokio::test]
 async fn status_json_shows_health_without_a_key_and_secrets_never() {
     let sim = Sim::start("a", Faults::default()).await.unwrap();
-    let gw = Gateway::start(&config_for(&[("a", &sim)]), &[]).await;
+    // A per-key budget: its buckets are client key names, admin only.
+    let config =
+        config_for(&[("a", &sim)]) + "\n[[budgets]]\nname = \"per-key\"\nscope = \"key\"\nusd = 5\nperiod = \"day\"\n";
+    let gw = Gateway::start(&config, &[]).await;
     assert_eq!(post_chat(&gw, &chat(false)).await.status(), 200);
     let c = client();
     let get = |path: &str, key: Option<&str>| {
@@ -82,6 +85,17 @@ async fn status_json_shows_health_without_a_key_and_secrets_never() {
     assert!(public.get("admin").is_none(), "{public}");
     assert!(public.get("rate_limits").is_none() && public.get("shadow").is_none());
     assert!(public.get("cache").is_none(), "no cache configured, no panel");
+    assert!(public.get("routing").is_none(), "no latency or cost routing, no panel");
+    let budget = &public["budgets"][0];
+    assert_eq!(
+        (budget["name"].as_str(), budget["limit_usd"].as_f64()),
+        (Some("per-key"), Some(5.0))
+    );
+    assert_eq!(
+        budget["buckets"],
+        json!([]),
+        "per-key spend needs the admin key: {budget}"
+    );
     assert_eq!(public["models"][0]["totals"]["requests_by_upstream"]["a"], 1.0);
 
     let wrong = get("/status.json", Some("sk-not-the-admin-key")).await.unwrap();
@@ -96,6 +110,7 @@ async fn status_json_shows_health_without_a_key_and_secrets_never() {
         .await
         .unwrap();
     assert_eq!(admin["admin"]["keys"], json!(["app-a"]), "{admin}");
+    assert_eq!(admin["budgets"][0]["buckets"][0]["name"], "app-a", "{admin}");
 
     // No secret, in any form the page could receive: the JSON without and
     // with the admin key, and the page's files.
@@ -369,6 +384,16 @@ async fn status_page_in_chromium_against_the_demo() {
     assert!(hits.ends_with('%') && hits != "0%", "cache hit ratio: {hits:?}");
     let served = b.text_of("[data-model=deepseek-cached] td:nth-child(3)").await;
     assert!(served.contains("cache"), "served by the cache: {served:?}");
+    // The demo's budgets and its latency-routed model have their panels.
+    let spent = b.text_of("[data-budget=demo-daily] td:nth-child(3)").await;
+    assert!(spent.contains(" of $"), "budget spent: {spent:?}");
+    let estimate = b
+        .text_of("[data-route='deepseek-fastest/sim-healthy'] td:nth-child(4)")
+        .await;
+    assert!(
+        estimate.ends_with("ms") || estimate.ends_with(" s"),
+        "TTFT estimate: {estimate:?}"
+    );
     let attempts = b.text_of("[data-upstream=sim-flaky] td:nth-child(7)").await;
     assert!(attempts.starts_with("0.0/s"), "sim-flaky still attempted: {attempts:?}");
     let png = b.cmd(reqwest::Method::GET, "/screenshot", None).await;

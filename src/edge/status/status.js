@@ -324,6 +324,43 @@ function renderCache(d) {
   });
 }
 
+function renderBudgets(d) {
+  return d.budgets.flatMap((b) => {
+    const head = `${b.name}` + (b.match ? ` (${b.scope} = ${b.match})` : ` (${b.scope})`);
+    const resets = b.resets_at ? new Date(b.resets_at).toLocaleString() : "never (total)";
+    const mode = b.on_exceed === "reject" ? "rejects" : "warns";
+    const rows = b.buckets.length ? b.buckets : [{ name: b.buckets_hidden ? "per key: admin only" : "nothing spent yet", spent_usd: null, reserved_usd: null }];
+    return rows.map((k, i) => {
+      const used = k.spent_usd == null ? null : (k.spent_usd + k.reserved_usd) / b.limit_usd;
+      return h("tr", { "data-budget": b.name },
+        h("td", {}, i === 0 ? head : ""), h("td", {}, k.name),
+        h("td", { class: used != null && used >= 1 ? "bad" : used != null && used >= 0.8 ? "warn" : null },
+          k.spent_usd == null ? "–" : `${usd(k.spent_usd)} of ${usd(b.limit_usd)} (${pct(used)})`),
+        h("td", {}, k.reserved_usd == null ? "–" : usd(k.reserved_usd)),
+        h("td", {}, `${b.period}, resets ${resets}`), h("td", {}, mode));
+    });
+  });
+}
+
+function renderRouting(d) {
+  const before = minuteAgo();
+  const last = ring[ring.length - 1];
+  const perMin = 60000 / Math.max(1, last.t - before.t);
+  return d.routing.flatMap((m) => {
+    const was = ((before.d.routing || []).find((x) => x.model === m.model) || { targets: [] }).targets;
+    const diffs = m.targets.map((t) => {
+      const w = was.find((x) => x.upstream === t.upstream);
+      return w ? t.picks - w.picks : null;
+    });
+    const all = diffs.reduce((a, n) => a + (n || 0), 0);
+    return m.targets.map((t, i) => h("tr", { "data-route": `${m.model}/${t.upstream}` },
+      h("td", {}, i === 0 ? m.model : ""), h("td", {}, i === 0 ? m.strategy : ""),
+      h("td", {}, `${t.upstream} → ${t.model}`), h("td", {}, ms(t.estimate_seconds * 1000)),
+      h("td", {}, t.state), h("td", {}, String(t.in_flight)),
+      h("td", {}, all > 0 ? `${pct(diffs[i] / all)} · ${rate(diffs[i] * perMin)}/min` : "–")));
+  });
+}
+
 // Optional panels: each shows only when its section is in the JSON (a
 // feature that is off, or not built yet, has no section and no panel).
 // A new panel adds its <section id> and a renderer here.
@@ -331,6 +368,8 @@ const PANELS = [
   ["rate_limits", (d) => d.rate_limits, renderRateLimits],
   ["shadow", (d) => d.shadow, renderShadow],
   ["cache", (d) => d.cache && d.cache.models.length && d.cache, renderCache],
+  ["budgets", (d) => d.budgets, renderBudgets],
+  ["routing", (d) => d.routing, renderRouting],
   ["comparison", (d) => d.admin && d.admin.comparison.length && d.admin.comparison, renderComparison],
   ["keys", (d) => d.admin, (d) => (d.admin.keys.length
     ? d.admin.keys.map((k) => h("li", {}, k))
