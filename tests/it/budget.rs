@@ -367,7 +367,7 @@ async fn the_openai_sdk_stops_at_one_request_with_insufficient_quota() {
     let gw = Gateway::start(&config, &[]).await;
     let script = r#"
 import os, openai
-client = openai.OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"])
+client = openai.OpenAI(base_url=os.environ["RELAYGATE_BASE_URL"], api_key=os.environ["RELAYGATE_API_KEY"])
 assert client.max_retries == 2, client.max_retries
 try:
     client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
@@ -376,23 +376,7 @@ except openai.RateLimitError as e:
     print("RateLimitError", e.status_code, e.code, e.type)
     print("MESSAGE", e.message)
 "#;
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .args(["-c", script])
-            .env("BASE", gw.v1(""))
-            .env("KEY", CLIENT_KEY)
-            .output(),
-    )
-    .await
-    .expect("the SDK finishes")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_sdk_script(&python, script, &gw, &[]).await;
     assert!(
         stdout.contains("RateLimitError 429 insufficient_quota insufficient_quota"),
         "{stdout}"

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use relaygate::sim::{Faults, Sim};
-use relaygate::{build_app, Config};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -498,14 +497,9 @@ async fn admin_purges_and_a_reload_with_new_targets_misses() {
     let sim = Sim::start("a", Faults::default()).await.unwrap();
     let base = cached_config(&sim, "{}", "");
     let path = temp_file("relaygate.toml", &base);
-    let app = build_app(Config::load(&path).unwrap())
-        .await
-        .unwrap()
-        .with_config_path(&path);
-    let state = app.state().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(app.serve(listener, std::future::pending()));
+    let gw = Gateway::from_file(&path).await;
+    let state = gw.state.clone();
+    let url = gw.url.clone();
     let gw_url = |p: &str| format!("{url}{p}");
     let ask = |text: &'static str| {
         let url = url.clone();
@@ -524,15 +518,11 @@ async fn admin_purges_and_a_reload_with_new_targets_misses() {
     assert_eq!(ask("two").await, "miss");
     assert_eq!(ask("one").await, "hit");
 
-    let stats: Value = client()
-        .get(gw_url("/admin/cache"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = |method: reqwest::Method, path: &str| {
+        let request = client().request(method, gw_url(path)).bearer_auth(ADMIN);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let stats = admin(reqwest::Method::GET, "/admin/cache").await;
     assert_eq!(stats["backend"], "memory");
     let model = &stats["models"][0];
     assert_eq!(
@@ -547,15 +537,7 @@ async fn admin_purges_and_a_reload_with_new_targets_misses() {
         "admin only"
     );
 
-    let purged: Value = client()
-        .delete(gw_url("/admin/cache?model=deepseek-chat"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let purged = admin(reqwest::Method::DELETE, "/admin/cache?model=deepseek-chat").await;
     assert_eq!(purged["entries_removed"], 2);
     assert_eq!(ask("one").await, "miss", "purged");
     assert_eq!(ask("one").await, "hit");
@@ -572,15 +554,7 @@ async fn admin_purges_and_a_reload_with_new_targets_misses() {
     assert_eq!(sent["model"], "deepseek-v3.2-exp");
     assert_eq!(ask("one").await, "hit");
 
-    let all: Value = client()
-        .delete(gw_url("/admin/cache"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = admin(reqwest::Method::DELETE, "/admin/cache").await;
     assert_eq!(all["entries_removed"], 2, "one: the old target's and the new one's");
     let text = serde_json::to_string(&stats).unwrap() + &all.to_string();
     for secret in [CLIENT_KEY, KEY_B, ADMIN, "sk-upstream-a-secret"] {
@@ -637,21 +611,7 @@ async fn the_openai_sdk_sees_hits_identical_to_misses() {
     .await
     .unwrap();
     let gw = gateway(&sim, "{}", "").await;
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/cache_sdk.py");
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .arg(&script)
-            .env("RELAYGATE_BASE_URL", gw.v1(""))
-            .env("RELAYGATE_API_KEY", CLIENT_KEY)
-            .output(),
-    )
-    .await
-    .expect("the SDK script finishes")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK script failed:\n{stdout}\n{stderr}");
+    let stdout = run_sdk_script(&python, "cache_sdk.py", &gw, &[]).await;
     assert!(stdout.contains("ALL OK"), "{stdout}");
     // Plain: one call; streamed with and without usage: one call.
     assert_eq!(sim.stats().requests, 2);

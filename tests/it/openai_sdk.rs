@@ -5,9 +5,6 @@
 //! Without it the test fails with instructions; set `RELAYGATE_SKIP_SDK=1`
 //! to skip it on purpose.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use relaygate::sim::{Faults, Sim};
 
 use crate::common::*;
@@ -43,21 +40,7 @@ async fn the_official_python_sdk_works_through_relaygate() {
     config.push_str("\n[[models]]\nname = \"broken-stream\"\ntargets = [{ upstream = \"b\" }]\n");
     let gw = Gateway::start(&config, &[]).await;
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_sdk.py");
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .arg(&script)
-            .env("RELAYGATE_BASE_URL", gw.v1(""))
-            .env("RELAYGATE_API_KEY", CLIENT_KEY)
-            .output(),
-    )
-    .await
-    .expect("the SDK script finishes")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK script failed:\n{stdout}\n{stderr}");
+    let stdout = run_sdk_script(&python, "openai_sdk.py", &gw, &[]).await;
     assert!(stdout.contains("ALL OK"), "{stdout}");
     // The SDK's requests really went through: 3 chat calls on `a`, one broken stream on `b`.
     assert_eq!(healthy.stats().requests, 3);

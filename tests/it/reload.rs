@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use relaygate::sim::{Faults, Sim};
-use relaygate::{build_app, Config};
 use serde_json::Value;
 
 use crate::common::process::{temp_file, Proc};
@@ -65,14 +64,9 @@ async fn admin_reload_swaps_rejects_bad_files_and_keeps_breaker_state() {
     .unwrap();
     let base = config_for(&[("a", &sim)]);
     let path = temp_config(&base);
-    let app = build_app(Config::load(&path).unwrap())
-        .await
-        .unwrap()
-        .with_config_path(&path);
-    let state = app.state().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(app.serve(listener, std::future::pending()));
+    let gw = Gateway::from_file(&path).await;
+    let state = gw.state.clone();
+    let url = gw.url.clone();
 
     // A stream in flight on the old config.
     let mut stream = client()

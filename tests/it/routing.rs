@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use relaygate::sim::{Faults, Sim};
-use relaygate::{build_app, Config};
 use serde_json::Value;
 
 use crate::common::process::{temp_file, BIN};
@@ -181,13 +180,8 @@ async fn a_target_added_by_reload_gets_traffic() {
         .replace(r#", { upstream = "b", model = "deepseek-v3.2" }]"#, "]");
     assert!(!only_a.contains("upstream = \"b\""), "{only_a}");
     let path = temp_file("relaygate.toml", &only_a);
-    let app = build_app(Config::load(&path).unwrap())
-        .await
-        .unwrap()
-        .with_config_path(&path);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(app.serve(listener, std::future::pending()));
+    let gw = Gateway::from_file(&path).await;
+    let url = gw.url.clone();
     let send = |n: usize| {
         let url = url.clone();
         async move {

@@ -31,6 +31,18 @@ impl Gateway {
         })
         .expect("test config is valid");
         let app = build_app(config).await.expect("app builds");
+        Self::serve(app).await
+    }
+
+    /// Starts a gateway from a config file, which `POST /admin/reload` and
+    /// `state.reload()` re-read.
+    pub async fn from_file(path: &std::path::Path) -> Gateway {
+        let config = Config::load(path).expect("test config is valid");
+        let app = build_app(config).await.expect("app builds").with_config_path(path);
+        Self::serve(app).await
+    }
+
+    async fn serve(app: relaygate::App) -> Gateway {
         let state = app.state().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -337,6 +349,43 @@ pub async fn closed_port() -> u16 {
 /// `RELAYGATE_PYTHON`, else `.venv/bin/python` in the repo (what `.ci/run`
 /// creates), else `python3`. `None` when `RELAYGATE_SKIP_SDK=1` asks to
 /// skip the SDK's part on purpose.
+/// Runs a Python script that drives `gw` with the openai SDK, with
+/// `RELAYGATE_BASE_URL` and `RELAYGATE_API_KEY` (the client key) set and
+/// `env` besides: `script` is a file under `tests/e2e/`, or (starting with a
+/// newline) the program itself. Fails the test with the script's output,
+/// or with the setup to do if the SDK is not installed. Returns stdout.
+pub async fn run_sdk_script(python: &std::path::Path, script: &str, gw: &Gateway, env: &[(&str, String)]) -> String {
+    let mut cmd = tokio::process::Command::new(python);
+    if script.starts_with('\n') {
+        cmd.args(["-c", script]);
+    } else {
+        cmd.arg(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/e2e")
+                .join(script),
+        );
+    }
+    cmd.env("RELAYGATE_BASE_URL", gw.v1(""))
+        .env("RELAYGATE_API_KEY", CLIENT_KEY);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the SDK script finishes within 60 s")
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'openai'"),
+        "{} cannot import openai: run `python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt`, \
+         set RELAYGATE_PYTHON, or set RELAYGATE_SKIP_SDK=1 to skip this test",
+        python.display()
+    );
+    assert!(out.status.success(), "SDK script failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
 pub fn sdk_python() -> Option<std::path::PathBuf> {
     if std::env::var("RELAYGATE_SKIP_SDK").is_ok_and(|v| v == "1") {
         eprintln!("skipped: RELAYGATE_SKIP_SDK=1");
