@@ -338,6 +338,26 @@ hold_streams() { # N NAME URL MODEL PIDS
   load python3 "$BENCH/bench.py" streams --url "$3" --model "$4" --n "$1" --pids "$5" >"$RESULTS/streams$1-$2.json"
 }
 
+instructions_per_request() { # BINARY LUA OUT -> user-space instructions per request under callgrind
+  # Counting is switched on after one second of requests (a cache's first
+  # request stores its entry), for wrk -c8 over SAT_FOR (valgrind runs it
+  # ~50x slower). "totals:" holds what was counted; "summary:" stays 0 with
+  # --instr-atstart=no.
+  local requests
+  RELAYGATE_WRAP="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$3" start_relaygate "$1"
+  local url="http://$RELAYGATE_ADDR/v1/chat/completions"
+  load wrk -t1 -c1 -d1s -s "$2" "$url" >/dev/null
+  callgrind_control -i on "$RELAYGATE_PID" >/dev/null
+  requests="$(load wrk -t1 -c8 -d"$SAT_FOR" -s "$2" "$url" \
+    | sed -n 's/^WRKJSON //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests"])')"
+  callgrind_control -i off "$RELAYGATE_PID" >/dev/null
+  stop "$RELAYGATE_PID"
+  python3 -c 'import sys
+lines = open(sys.argv[1]).read().splitlines()
+total = next(int(l.split()[1]) for l in lines if l.startswith("totals:"))
+print(format(round(total / int(sys.argv[2])), ","))' "$3" "$requests"
+}
+
 # --- the run ----------------------------------------------------------------------------
 STARTED=$SECONDS
 start_sim fast --chunks 5
@@ -406,21 +426,8 @@ print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",
     for round in 1 2; do
       for model in deepseek-chat deepseek-cached; do
         for vary in same varying; do
-          out="$TMP/callgrind-$model-$vary-$round.out"
-          RELAYGATE_WRAP="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$out" start_relaygate
-          url="http://$RELAYGATE_ADDR/v1/chat/completions"
-          # The first request of the same body stores the entry: count after it.
-          load wrk -t1 -c1 -d1s -s "$TMP/$model-$vary.lua" "$url" >/dev/null
-          callgrind_control -i on "$RELAYGATE_PID" >/dev/null
-          requests="$(load wrk -t1 -c8 -d"$SAT_FOR" -s "$TMP/$model-$vary.lua" "$url" \
-            | sed -n 's/^WRKJSON //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests"])')"
-          callgrind_control -i off "$RELAYGATE_PID" >/dev/null
-          stop "$RELAYGATE_PID"
-          python3 -c 'import sys
-lines = open(sys.argv[1]).read().splitlines()
-total = next(int(l.split()[1]) for l in lines if l.startswith("totals:"))
-print("| %s | %s | %s |" % (sys.argv[3], sys.argv[4], format(round(total / int(sys.argv[2])), ",")))' \
-            "$out" "$requests" "$round" "$(path_name "$model" "$vary")"
+          n="$(instructions_per_request "$BIN/relaygate" "$TMP/$model-$vary.lua" "$TMP/callgrind-$model-$vary-$round.out")"
+          echo "| $round | $(path_name "$model" "$vary") | $n |"
         done
       done
     done
@@ -472,20 +479,9 @@ print("| %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], d["per_stream_kib"]))' \
     echo "|---|---|---|"
     for round in 1 2 3; do
       for which in old new; do
-        out="$TMP/callgrind-$which-$round.out"
-        RELAYGATE_WRAP="valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$out" \
-          start_relaygate "$([ "$which" = old ] && echo "$AB_OLD" || echo "$BIN/relaygate")"
-        callgrind_control -i on "$RELAYGATE_PID" >/dev/null
-        requests="$(load wrk -t1 -c8 -d"$SAT_FOR" -s "$TMP/post.lua" "http://$RELAYGATE_ADDR/v1/chat/completions" \
-          | sed -n 's/^WRKJSON //p' | python3 -c 'import json, sys; print(json.load(sys.stdin)["requests"])')"
-        callgrind_control -i off "$RELAYGATE_PID" >/dev/null
-        stop "$RELAYGATE_PID"
-        python3 -c 'import sys
-lines = open(sys.argv[1]).read().splitlines()
-# "totals:" holds what was counted; "summary:" stays 0 with --instr-atstart=no.
-total = next(int(l.split()[1]) for l in lines if l.startswith("totals:"))
-print("| %s | %s | %s |" % (sys.argv[3], sys.argv[4], format(round(total / int(sys.argv[2])), ",")))' \
-          "$out" "$requests" "$round" "$which"
+        n="$(instructions_per_request "$([ "$which" = old ] && echo "$AB_OLD" || echo "$BIN/relaygate")" \
+          "$TMP/post.lua" "$TMP/callgrind-$which-$round.out")"
+        echo "| $round | $which | $n |"
       done
     done
   fi
