@@ -383,9 +383,17 @@ fn cache_control(headers: &HeaderMap) -> (bool, bool, Option<u64>) {
     (no_store, no_cache, max_age)
 }
 
-/// An upstream answer that says not to store it.
-pub fn upstream_forbids(headers: &HeaderMap) -> bool {
-    cache_control(headers).0
+/// An upstream answer that may be stored: a 2xx its upstream did not mark
+/// `Cache-Control: no-store`.
+fn storable(status: http::StatusCode, headers: &HeaderMap) -> bool {
+    status.is_success() && !cache_control(headers).0
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// A stream's bytes, collected as they go to the client, and stored at its
@@ -402,13 +410,14 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// `None` when the plan stores nothing (bypass).
-    pub fn new(cache: Arc<Cache>, plan: Plan, status: u16, content_type: Option<String>) -> Option<Self> {
-        (plan.mode != Mode::Bypass).then(|| Self {
+    /// `None` when the plan stores nothing (a bypass), or the answer may not
+    /// be stored (then the plan, dropped, counts `not_stored`).
+    pub fn new(cache: Arc<Cache>, plan: Plan, status: http::StatusCode, headers: &HeaderMap) -> Option<Self> {
+        (plan.mode != Mode::Bypass && storable(status, headers)).then(|| Self {
             cache,
             plan,
-            content_type,
-            status,
+            content_type: content_type(headers),
+            status: status.as_u16(),
             buf: BytesMut::new(),
             over: false,
         })
@@ -477,16 +486,16 @@ fn finished_normally(sse: &[u8]) -> bool {
     seen
 }
 
-/// The body a plain answer is stored with.
-pub fn plain_entry(status: u16, content_type: Option<String>, body: Bytes, usage: Option<Usage>) -> Entry {
-    Entry {
+/// The entry a plain answer is stored as, if it may be stored.
+pub fn plain_entry(status: http::StatusCode, headers: &HeaderMap, body: Bytes, usage: Option<Usage>) -> Option<Entry> {
+    storable(status, headers).then(|| Entry {
         stream: false,
-        status,
-        content_type,
+        status: status.as_u16(),
+        content_type: content_type(headers),
         body,
         usage,
         stored_at_ms: Entry::now_ms(),
-    }
+    })
 }
 
 #[cfg(test)]

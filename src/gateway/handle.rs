@@ -62,14 +62,14 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
     };
     record.hold(Some(slot));
     let result = run(&runtime, &state, endpoint, req, &mut record, started).await;
-    let cache_header = record.cache_result().map(|r| HeaderValue::from_static(r.as_str()));
+    let cache_result = record.cache_result();
     // Everything up to here that was not spent waiting on the upstream is
     // relaygate's own time (for streams: up to the first event).
     state
         .metrics()
         .overhead
         .observe(started.elapsed().saturating_sub(record.upstream_wait()).as_secs_f64());
-    match result {
+    let mut response = match result {
         Ok(Proxied::Full {
             status,
             mut headers,
@@ -82,7 +82,6 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             headers
                 .entry(header::CONTENT_TYPE)
                 .or_insert(HeaderValue::from_static("application/octet-stream"));
-            headers.extend(cache_header.map(|v| (CACHE_HEADER.clone(), v)));
             // The upstream's header map becomes the response's: no copy.
             let mut response = Response::new(axum::body::Body::from(body));
             *response.status_mut() = status;
@@ -103,7 +102,6 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             record.write_rate_limit_headers(&mut headers);
             let body = super::stream::forward(reader, first, idle, deadline, strip_usage, record, capture.map(|c| *c));
             headers.insert(UPSTREAM_HEADER.clone(), upstream);
-            headers.extend(cache_header.map(|v| (CACHE_HEADER.clone(), v)));
             let mut response = Response::new(body);
             *response.status_mut() = status;
             *response.headers_mut() = headers;
@@ -111,13 +109,16 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
         }
         Err(error) => {
             record.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
-            let mut response = error.into_response();
-            response
-                .headers_mut()
-                .extend(cache_header.map(|v| (CACHE_HEADER.clone(), v)));
-            response
+            error.into_response()
         }
+    };
+    // Every answer of a cache-enabled model says what the cache did, errors too.
+    if let Some(result) = cache_result {
+        response
+            .headers_mut()
+            .insert(CACHE_HEADER.clone(), HeaderValue::from_static(result.as_str()));
     }
+    response
 }
 
 pub(super) enum Proxied {
@@ -323,9 +324,7 @@ async fn run(
             }
             record.set_answer(&body);
             if let Some((cache, mut plan)) = plan {
-                let entry = (status.is_success() && !cache::upstream_forbids(&headers))
-                    .then(|| cache::plain_entry(status.as_u16(), content_type(&headers), body.clone(), usage));
-                cache.store(&mut plan, entry);
+                cache.store(&mut plan, cache::plain_entry(status, &headers, body.clone(), usage));
             }
             Ok(Proxied::Full {
                 status,
@@ -341,12 +340,7 @@ async fn run(
             reader,
         } => {
             record.commit_stream(answer.ticket, answer.started);
-            let capture = plan.and_then(|(cache, plan)| {
-                if !status.is_success() || cache::upstream_forbids(&headers) {
-                    return None; // the plan, dropped, counts not_stored
-                }
-                Capture::new(cache, plan, status.as_u16(), content_type(&headers)).map(Box::new)
-            });
+            let capture = plan.and_then(|(cache, plan)| Capture::new(cache, plan, status, &headers).map(Box::new));
             Ok(Proxied::Stream {
                 status,
                 headers,
@@ -360,13 +354,6 @@ async fn run(
             })
         }
     }
-}
-
-pub(super) fn content_type(headers: &http::HeaderMap) -> Option<String> {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
 }
 
 /// The client's request body, failing when the client pauses longer than
