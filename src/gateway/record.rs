@@ -217,7 +217,6 @@ impl RequestRecord {
         });
     }
 
-    /// `x-ratelimit-*` for the response, when a rule matched.
     /// The `x-ratelimit-*` headers of the rules this request matched.
     pub fn write_rate_limit_headers(&self, headers: &mut http::HeaderMap) {
         if let Some(admission) = &self.admission {
