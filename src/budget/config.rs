@@ -130,17 +130,11 @@ pub fn validate(
 
 /// Each budget's `match` must name a configured key, model or upstream.
 pub fn check_matches(budgets: &[Budget], exists: impl Fn(Scope, &str) -> bool) -> Result<(), String> {
-    for (i, b) in budgets.iter().enumerate() {
-        if let Some(name) = &b.matches {
-            if !exists(b.scope, name) {
-                return Err(format!(
-                    "budgets[{i}].match: no {} named {name:?} in the config",
-                    b.scope
-                ));
-            }
-        }
-    }
-    Ok(())
+    crate::ratelimit::config::check_scope_matches(
+        "budgets",
+        budgets.iter().map(|b| (b.scope, b.matches.as_deref())),
+        exists,
+    )
 }
 
 fn validate_settings(raw: RawBudgetSettings, rate_limit: &RateLimitSettings) -> Result<BudgetSettings, String> {

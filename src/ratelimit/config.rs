@@ -167,13 +167,24 @@ pub fn validate(raw: Option<RawRateLimit>, rules: Vec<RawRule>) -> Result<(RateL
 /// configured key, model or upstream would never apply, which is almost
 /// always a typo. `exists(scope, name)` answers for the scope's names.
 pub fn check_matches(rules: &[Rule], exists: impl Fn(Scope, &str) -> bool) -> Result<(), String> {
-    for (i, rule) in rules.iter().enumerate() {
-        if let Some(name) = &rule.matches {
-            if !exists(rule.scope, name) {
-                return Err(format!(
-                    "rate_limits[{i}].match: no {} named {name:?} in the config",
-                    rule.scope
-                ));
+    check_scope_matches(
+        "rate_limits",
+        rules.iter().map(|r| (r.scope, r.matches.as_deref())),
+        exists,
+    )
+}
+
+/// The `match` check for any section of scoped entries (`rate_limits`,
+/// `budgets`): entry i's `match` must be a name `exists` knows in its scope.
+pub fn check_scope_matches<'a>(
+    section: &str,
+    entries: impl IntoIterator<Item = (Scope, Option<&'a str>)>,
+    exists: impl Fn(Scope, &str) -> bool,
+) -> Result<(), String> {
+    for (i, (scope, matches)) in entries.into_iter().enumerate() {
+        if let Some(name) = matches {
+            if !exists(scope, name) {
+                return Err(format!("{section}[{i}].match: no {scope} named {name:?} in the config"));
             }
         }
     }
