@@ -296,7 +296,13 @@ fn metrics(c: &mut Criterion) {
         b.iter(|| {
             m.in_flight.inc();
             m.requests
-                .with_label_values(&[black_box(model), upstream, "200", Outcome::Success.as_str()])
+                .with_label_values(&[
+                    black_box(model),
+                    upstream,
+                    "200",
+                    Outcome::Success.as_str(),
+                    "chat_completions",
+                ])
                 .inc();
             m.request_duration
                 .with_label_values(&[black_box(model)])
@@ -325,7 +331,7 @@ fn metrics(c: &mut Criterion) {
         b.iter(|| {
             m.in_flight.inc();
             model_metrics
-                .request(black_box(200), Outcome::Success, AnsweredBy::Upstream(black_box(0)))
+                .request(black_box(200), Outcome::Success, AnsweredBy::Upstream(black_box(0)), 0)
                 .inc();
             model_metrics.duration.observe(black_box(0.0042));
             upstream_metrics.attempt(black_box(Some(200)), ErrorType::None, started);

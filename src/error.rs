@@ -254,6 +254,46 @@ impl GatewayError {
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
     }
 
+    /// The SSE event that ends a Responses API stream which broke after it
+    /// started: the API's own `error` event (`type`, `code`, `message`,
+    /// `param`), with the OpenAI error object beside them, which is what
+    /// makes the official SDKs raise rather than yield it as one more event.
+    pub fn responses_sse_event(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Event<'a> {
+            r#type: &'static str,
+            code: &'a str,
+            message: &'a str,
+            param: Option<&'a str>,
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            r#type: &'a str,
+            code: &'a str,
+            param: Option<&'a str>,
+        }
+        let message = self.to_string();
+        let event = Event {
+            r#type: "error",
+            code: self.code(),
+            message: &message,
+            param: None,
+            error: Inner {
+                message: &message,
+                r#type: self.kind(),
+                code: self.code(),
+                param: None,
+            },
+        };
+        let mut out = b"event: error\ndata: ".to_vec();
+        // Serialising a struct of strings cannot fail.
+        serde_json::to_writer(&mut out, &event).unwrap_or_default();
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+
     /// The SSE event that ends a stream which broke after it started. It has
     /// no `[DONE]` after it, so no client mistakes it for a clean end.
     pub fn sse_event(&self) -> Bytes {
@@ -331,6 +371,23 @@ mod tests {
         assert_eq!(v["error"]["code"], "model_not_found");
         assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn responses_error_event_is_the_apis_shape_with_the_error_object() {
+        let e = GatewayError::UpstreamReset { upstream: "a".into() };
+        let event = e.responses_sse_event();
+        let text = std::str::from_utf8(&event).unwrap();
+        let data = text
+            .strip_prefix("event: error\ndata: ")
+            .and_then(|t| t.strip_suffix("\n\n"))
+            .expect(text);
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], e.code());
+        assert_eq!(v["message"], v["error"]["message"]);
+        assert_eq!(v["error"]["type"], e.kind());
+        assert!(v["param"].is_null());
     }
 
     #[test]

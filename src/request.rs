@@ -11,32 +11,67 @@ use serde_json::value::RawValue;
 
 use crate::error::{clip, GatewayError};
 
-/// The OpenAI endpoints relaygate forwards (the discriminants index
-/// per-endpoint tables).
+/// The OpenAI endpoints relaygate serves (the discriminants index
+/// per-endpoint tables): four routed by `model`, and the pass-through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions = 0,
     Completions = 1,
     Embeddings = 2,
+    /// `POST /v1/responses`, the Responses API.
+    Responses = 3,
+    /// Any other `/v1/*` request, sent on unchanged (`gateway::passthrough`).
+    Passthrough = 4,
 }
 
 impl Endpoint {
+    /// Every endpoint, in discriminant order.
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Passthrough,
+    ];
+    /// The endpoints routed by `model` (they have an `upstream_path`).
+    pub const ROUTED: [Endpoint; 4] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+    ];
+
     /// `gen_ai.operation.name` for traces.
     pub fn operation(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "chat",
+            Endpoint::ChatCompletions | Endpoint::Responses => "chat",
             Endpoint::Completions => "text_completion",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Passthrough => "passthrough",
         }
     }
 
-    /// The path appended to an upstream's `base_url` (which ends in `/v1`).
+    /// The `endpoint` label of `relaygate_requests_total`: a closed set.
+    pub fn label(self) -> &'static str {
+        crate::telemetry::metrics::ENDPOINTS[self as usize]
+    }
+
+    /// The path appended to an upstream's `base_url` (which ends in `/v1`);
+    /// the pass-through keeps the client's.
     pub fn upstream_path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
+            Endpoint::Passthrough => "",
         }
+    }
+
+    /// A stream of this endpoint ends with `data: [DONE]` (chat and text
+    /// completions), or with a terminal `response.*` event (Responses).
+    pub fn is_responses(self) -> bool {
+        self == Endpoint::Responses
     }
 }
 
@@ -130,11 +165,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, GatewayEr
         }
     }
 
-    // Usage for streams: only chat and text completions have stream_options.
+    // Usage for streams: only chat and text completions have stream_options
+    // (a Responses stream always ends with its usage, in `response.completed`).
     let mut inject_usage = false;
     let mut stream_options_span = 0..0;
     let mut stream_options_rest = None;
-    if stream && endpoint != Endpoint::Embeddings {
+    if stream && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
         match probe.stream_options {
             None => {
                 let brace = text.find('{').unwrap_or(0) + 1;
@@ -286,6 +322,30 @@ mod tests {
             br#"{"model":"m","messages":[],"stream":true,"stream_options":3}"#,
         );
         assert!(message(e).contains("stream_options"));
+    }
+
+    #[test]
+    fn endpoint_labels_follow_the_discriminants() {
+        let labels: Vec<_> = Endpoint::ALL.iter().map(|e| e.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "chat_completions",
+                "completions",
+                "embeddings",
+                "responses",
+                "passthrough"
+            ]
+        );
+    }
+
+    #[test]
+    fn responses_streams_need_no_usage_injected_nor_messages() {
+        let body = Bytes::from_static(br#"{"model":"m","input":"hi","stream":true}"#);
+        let p = parse(Endpoint::Responses, &body).unwrap();
+        assert!(p.stream && !p.inject_usage);
+        assert_eq!(&p.body_for(&body, "m")[..], &body[..]);
+        assert!(parse(Endpoint::ChatCompletions, &body).is_err(), "chat needs messages");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
+use crate::request::Endpoint;
 use crate::usage::{self, Usage, USAGE_KEY};
 
 /// Longest single SSE event accepted. Chat chunks are hundreds of bytes; a
@@ -312,6 +313,31 @@ pub fn inspect(batch: &[u8]) -> BatchInfo {
             if let Ok(Some(u)) = usage::from_json(data) {
                 info.usage = Some(u);
             }
+        }
+    }
+    info
+}
+
+/// `inspect`, or `inspect_responses` for a Responses API stream.
+pub fn inspect_for(endpoint: Endpoint, batch: &[u8]) -> BatchInfo {
+    if endpoint.is_responses() {
+        inspect_responses(batch)
+    } else {
+        inspect(batch)
+    }
+}
+
+/// `inspect` for a Responses API stream: named events, no `[DONE]`; the
+/// stream's clean end is its terminal event (`response.completed`,
+/// `response.incomplete`, `response.failed`, or the upstream's `error`).
+pub fn inspect_responses(batch: &[u8]) -> BatchInfo {
+    let mut info = BatchInfo::default();
+    for event in events(batch) {
+        let seen = usage::responses_event(&event.data);
+        info.done |= seen.terminal;
+        info.text_bytes += seen.text_bytes;
+        if seen.usage.is_some() {
+            info.usage = seen.usage;
         }
     }
     info

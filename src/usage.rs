@@ -3,6 +3,8 @@
 //! OpenAI reports `prompt_tokens_details.cached_tokens` and
 //! `completion_tokens_details.reasoning_tokens`; DeepSeek reports
 //! `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens`. Both are read.
+//! The Responses API names them `input_tokens` (`input_tokens_details`)
+//! and `output_tokens` (`output_tokens_details`): read as the same fields.
 
 use serde::Deserialize;
 
@@ -20,13 +22,13 @@ pub struct Usage {
 
 #[derive(Deserialize, Default)]
 struct RawUsage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens_details")]
     prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens_details")]
     completion_tokens_details: Option<CompletionDetails>,
     #[serde(default)]
     prompt_cache_hit_tokens: Option<u64>,
@@ -240,10 +242,12 @@ impl<'a> Scan<'a> {
         let mut seen = 0u8;
         self.members(|scan, key| {
             let field = match key {
-                b"prompt_tokens" => 1,
-                b"completion_tokens" => 2,
-                b"prompt_tokens_details" => 4,
-                b"completion_tokens_details" => 8,
+                // The Responses API's names are aliases: both in one
+                // object is a duplicate, an error for serde too.
+                b"prompt_tokens" | b"input_tokens" => 1,
+                b"completion_tokens" | b"output_tokens" => 2,
+                b"prompt_tokens_details" | b"input_tokens_details" => 4,
+                b"completion_tokens_details" | b"output_tokens_details" => 8,
                 b"prompt_cache_hit_tokens" => 16,
                 _ => 0,
             };
@@ -473,6 +477,47 @@ pub fn worst_case_micros(price: Option<&Price>, (prompt, completion): (u64, u64)
     }
 }
 
+/// What one Responses API stream event says: whether it ends the stream,
+/// its usage (`response.usage`, on the terminal events), and the bytes of
+/// generated text it carries (`delta` of the `….delta` events).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResponsesEvent {
+    pub terminal: bool,
+    pub usage: Option<Usage>,
+    pub text_bytes: u64,
+}
+
+/// Reads one Responses API event's data. Parsed whole: unlike chat chunks,
+/// the events that matter (the terminal one carries the whole response) are
+/// few, and their types need reading anyway. Not JSON: nothing.
+pub fn responses_event(data: &[u8]) -> ResponsesEvent {
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(default, rename = "type")]
+        kind: String,
+        #[serde(default)]
+        delta: Option<serde_json::Value>,
+        #[serde(default)]
+        response: Option<WithUsage>,
+    }
+    let Ok(event) = serde_json::from_slice::<Event>(data) else {
+        return ResponsesEvent::default();
+    };
+    let terminal = matches!(
+        event.kind.as_str(),
+        "response.completed" | "response.incomplete" | "response.failed" | "error"
+    );
+    let text_bytes = match &event.delta {
+        Some(serde_json::Value::String(text)) if event.kind.ends_with(".delta") => text.len() as u64,
+        _ => 0,
+    };
+    ResponsesEvent {
+        terminal,
+        usage: event.response.and_then(|r| r.usage).map(Usage::from),
+        text_bytes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,5 +684,49 @@ mod tests {
             assert_eq!(scan_with(&fallback, json), scan(json));
             assert!(generated_text_bytes(json) > 0 || json.starts_with(br#"{"note""#));
         }
+    }
+
+    #[test]
+    fn responses_api_usage_is_read_as_the_same_fields() {
+        let body = br#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":4},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":5},"total_tokens":123}}"#;
+        let expected = Usage {
+            prompt: 36,
+            completion: 87,
+            cached_prompt: 4,
+            reasoning: 5,
+        };
+        assert_eq!(from_json(body).unwrap(), Some(expected), "the hand scan");
+        // The same object where the scan gives up (a float) goes to serde.
+        let spaced = br#"{"usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 5}, "x": 1.5}, "y": [1]}"#;
+        assert_eq!(from_json(spaced).unwrap(), Some(expected), "serde's aliases");
+        let both = br#"{"usage":{"prompt_tokens":1,"input_tokens":2}}"#;
+        assert!(from_json(both).is_err(), "a duplicate, as serde sees it");
+    }
+
+    #[test]
+    fn responses_events_end_on_their_terminal_types_and_carry_usage() {
+        let delta = br#"{"type":"response.output_text.delta","item_id":"m","output_index":0,"content_index":0,"delta":"Hello","sequence_number":4}"#;
+        assert_eq!(
+            responses_event(delta),
+            ResponsesEvent {
+                terminal: false,
+                usage: None,
+                text_bytes: 5
+            }
+        );
+        let completed = br#"{"type":"response.completed","response":{"id":"resp_1","status":"completed","usage":{"input_tokens":3,"output_tokens":9,"total_tokens":12},"user":null},"sequence_number":9}"#;
+        let seen = responses_event(completed);
+        assert!(seen.terminal);
+        assert_eq!(seen.usage.map(|u| (u.prompt, u.completion)), Some((3, 9)));
+        for kind in ["response.incomplete", "response.failed", "error"] {
+            let data = format!(r#"{{"type":"{kind}"}}"#);
+            assert!(responses_event(data.as_bytes()).terminal, "{kind}");
+        }
+        let created = br#"{"type":"response.created","response":{"id":"resp_1","status":"in_progress","usage":null}}"#;
+        assert_eq!(responses_event(created), ResponsesEvent::default());
+        assert_eq!(responses_event(b"not json"), ResponsesEvent::default());
+        // `[DONE]` means nothing here; a text `done` event is not a delta.
+        let done = br#"{"type":"response.output_text.done","text":"Hello"}"#;
+        assert_eq!(responses_event(done), ResponsesEvent::default());
     }
 }

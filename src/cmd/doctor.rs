@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Request, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use tokio::net::TcpStream;
 
 use futures_util::StreamExt;
 
 use crate::config::{Config, UpstreamConfig};
 use crate::sse::{BodyError, SseReader};
-use crate::upstream::{authorization_header, tls_config, Pool, USER_AGENT};
+use crate::upstream::{authorization_header, tls_config, OutBody, Pool, USER_AGENT};
 
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -257,7 +257,7 @@ async fn list_models(config: &UpstreamConfig) -> Result<(http::StatusCode, Bytes
         .and_then(|tls| Pool::new(config, tls))
         .map_err(|e| format!("cannot build client: {e}"))?;
     let uri = Uri::try_from(format!("{}/models", config.base_url)).map_err(|e| e.to_string())?;
-    let mut request = Request::new(Full::new(Bytes::new()));
+    let mut request = Request::new(OutBody::from(Bytes::new()));
     *request.uri_mut() = uri;
     request.headers_mut().insert(header::USER_AGENT, USER_AGENT);
     if let Some(auth) = authorization_header(config) {
@@ -322,7 +322,7 @@ async fn read_stream_usage(config: &UpstreamConfig, model: &str) -> Result<Optio
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let mut request = Request::new(Full::new(Bytes::from(body.to_string())));
+    let mut request = Request::new(OutBody::from(Bytes::from(body.to_string())));
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();

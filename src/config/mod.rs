@@ -104,6 +104,14 @@ struct RawConfig {
     #[serde(default)]
     health: RawHealth,
     cache: Option<RawCache>,
+    passthrough: Option<RawPassthrough>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassthrough {
+    upstream: String,
+    paths: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +269,7 @@ struct RawServer {
     listen: String,
     max_body_bytes: u64,
     max_response_bytes: u64,
+    max_passthrough_body_bytes: u64,
     #[serde(deserialize_with = "duration")]
     shutdown_grace: Duration,
     max_in_flight: usize,
@@ -280,6 +289,8 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 10 * 1024 * 1024,
             max_response_bytes: 64 * 1024 * 1024,
+            // OpenAI's own limit for a file upload; streamed, never held.
+            max_passthrough_body_bytes: 512 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             max_in_flight: 4096,
             send_timeout: Duration::from_secs(60),
@@ -443,6 +454,43 @@ pub struct Config {
     /// `[cache]`: set when the section is there or a model opts in (then
     /// with its defaults: memory, 256 MiB).
     pub cache: Option<CacheConfig>,
+    /// `[passthrough]`: the rest of `/v1/*` to one upstream (docs/endpoints.md).
+    pub passthrough: Option<PassthroughConfig>,
+}
+
+/// `[passthrough]`: which `/v1/*` paths go, unchanged, to which upstream.
+#[derive(Debug, Clone)]
+pub struct PassthroughConfig {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    /// `None`: every `/v1/*` path relaygate does not serve itself.
+    pub paths: Option<Vec<PathPattern>>,
+}
+
+/// A `[passthrough] paths` entry: an exact path, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl PathPattern {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => path == p,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl PassthroughConfig {
+    /// Whether a `/v1/*` path that relaygate does not serve itself goes through.
+    pub fn covers(&self, path: &str) -> bool {
+        match &self.paths {
+            None => path.starts_with("/v1/"),
+            Some(patterns) => patterns.iter().any(|p| p.matches(path)),
+        }
+    }
 }
 
 /// `[cache]`: the response cache's store. Which models use it, and for how
@@ -523,6 +571,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
+    /// The body limit of pass-through requests (streamed, never buffered).
+    pub max_passthrough_body_bytes: u64,
     pub shutdown_grace: Duration,
     /// Requests (streams included) served at once; over it, a fast 503.
     pub max_in_flight: usize,

@@ -17,6 +17,12 @@ impl RawConfig {
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::at("server.max_body_bytes", "must be greater than 0"));
         }
+        if self.server.max_passthrough_body_bytes == 0 {
+            return Err(ConfigError::at(
+                "server.max_passthrough_body_bytes",
+                "must be greater than 0",
+            ));
+        }
         if self.server.max_response_bytes == 0 {
             return Err(ConfigError::at("server.max_response_bytes", "must be greater than 0"));
         }
@@ -24,6 +30,7 @@ impl RawConfig {
             listen,
             max_body_bytes: usize::try_from(self.server.max_body_bytes).unwrap_or(usize::MAX),
             max_response_bytes: usize::try_from(self.server.max_response_bytes).unwrap_or(usize::MAX),
+            max_passthrough_body_bytes: self.server.max_passthrough_body_bytes,
             shutdown_grace: self.server.shutdown_grace,
             max_in_flight: self.server.max_in_flight,
             send_timeout: self.server.send_timeout,
@@ -365,7 +372,12 @@ impl RawConfig {
                 });
             }
         }
+        let passthrough = match self.passthrough {
+            None => None,
+            Some(p) => Some(validate_passthrough(p, &upstream_index)?),
+        };
         Ok(Config {
+            passthrough,
             cache,
             server,
             admin_key,
@@ -382,6 +394,50 @@ impl RawConfig {
             health,
         })
     }
+}
+
+fn validate_passthrough(
+    raw: RawPassthrough,
+    upstream_index: &HashMap<&str, usize>,
+) -> Result<PassthroughConfig, ConfigError> {
+    let Some(&upstream) = upstream_index.get(raw.upstream.as_str()) else {
+        return Err(ConfigError::at(
+            "passthrough.upstream",
+            format!("unknown upstream {:?} (not in [[upstreams]])", raw.upstream),
+        ));
+    };
+    let paths = match raw.paths {
+        None => None,
+        Some(paths) => {
+            if paths.is_empty() {
+                return Err(ConfigError::at(
+                    "passthrough.paths",
+                    "must not be empty (leave it out to pass every other /v1/* path)",
+                ));
+            }
+            let mut patterns = Vec::with_capacity(paths.len());
+            for (i, p) in paths.into_iter().enumerate() {
+                let at = format!("passthrough.paths[{i}]");
+                let (path, prefix) = match p.strip_suffix('*') {
+                    Some(prefix) => (prefix, true),
+                    None => (p.as_str(), false),
+                };
+                if !path.starts_with("/v1/") || path.contains('*') || path.contains('?') {
+                    return Err(ConfigError::at(
+                        &at,
+                        format!("{p:?} is not a /v1/ path, or a /v1/ prefix ending in one '*'"),
+                    ));
+                }
+                patterns.push(if prefix {
+                    PathPattern::Prefix(path.to_owned())
+                } else {
+                    PathPattern::Exact(path.to_owned())
+                });
+            }
+            Some(patterns)
+        }
+    };
+    Ok(PassthroughConfig { upstream, paths })
 }
 
 /// `[cache]`, or its defaults when only models opt in.

@@ -3,11 +3,13 @@
 //! Server layers, outermost first:
 //! 1. `SetRequestId`: takes the client's `x-request-id` or makes one;
 //! 2. `PropagateRequestId`: returns it on every response;
-//! 3. `Routes`: `POST /v1/{chat/completions,completions,embeddings}` to
-//!    `gateway::handle`; everything else to the router: `/v1/models`,
-//!    `/health*`, `/metrics`, `/admin/*`, the status page (`/`, `/status*`),
-//!    and a fallback that answers
-//!    unknown paths (and other methods on the proxied ones) with
+//! 3. `Routes`: `POST /v1/{chat/completions,completions,embeddings,responses}`
+//!    to `gateway::handle`; the Responses API's stored responses
+//!    (`/v1/responses/{id}…`) and, when `[passthrough]` is on, the other
+//!    `/v1/*` paths it covers to `gateway::passthrough`; everything else to
+//!    the router: `/v1/models`, `/v1/models/{id}`, `/health*`, `/metrics`,
+//!    `/admin/*`, the status page (`/`, `/status*`), and a fallback that
+//!    answers unknown paths (and other methods on the proxied ones) with
 //!    OpenAI-shaped 404s.
 //!
 //! The layers wrap the router from outside (`service`), not through
@@ -37,8 +39,8 @@ use tower_http::request_id::{
 
 use crate::edge::health;
 use crate::error::GatewayError;
-use crate::gateway::handle;
 use crate::gateway::state::AppState;
+use crate::gateway::{handle, passthrough};
 use crate::request::Endpoint;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -81,6 +83,13 @@ impl tower::Service<Req> for Routes {
             (&Method::POST, "/v1/chat/completions") => Endpoint::ChatCompletions,
             (&Method::POST, "/v1/completions") => Endpoint::Completions,
             (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
+            (&Method::POST, "/v1/responses") => Endpoint::Responses,
+            (method, path) if self.passes_through(method, path) => {
+                let state = self.state.clone();
+                return Either::Left(Box::pin(async move {
+                    Ok(passthrough::handle(state, req.map(axum::body::Body::new)).await)
+                }));
+            }
             _ => return Either::Right(self.router.call(req)),
         };
         let state = self.state.clone();
@@ -90,11 +99,33 @@ impl tower::Service<Req> for Routes {
     }
 }
 
+impl Routes {
+    /// The stored-response calls, and the paths `[passthrough]` covers
+    /// that relaygate does not serve itself (`/v1/models` and below are
+    /// the router's: it answers configured models and passes the rest).
+    fn passes_through(&self, method: &Method, path: &str) -> bool {
+        if passthrough::is_stored_response(path) {
+            return true;
+        }
+        if path == "/v1/models" || path.starts_with("/v1/models/") {
+            return false;
+        }
+        let _ = method;
+        self.state
+            .runtime()
+            .config
+            .passthrough
+            .as_ref()
+            .is_some_and(|p| p.covers(path))
+    }
+}
+
 fn router(state: AppState) -> Router {
     Router::new()
         // The proxied POSTs never get here (`Routes`); other methods on
         // their paths fall through to the 404 like any unknown route.
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", axum::routing::any(model))
         .route("/health", get(health::summary))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
@@ -118,6 +149,36 @@ async fn models(State(state): State<AppState>, req: Request) -> Response {
         runtime.models_json.clone(),
     )
         .into_response()
+}
+
+/// One model: a configured one answered here in OpenAI's shape; any other
+/// passed through when `[passthrough]` covers the path, else a 404.
+async fn model(State(state): State<AppState>, req: Request) -> Response {
+    let runtime = state.runtime();
+    let path = req.uri().path();
+    let id = path.strip_prefix("/v1/models/").unwrap_or_default();
+    let passes = runtime.config.passthrough.as_ref().is_some_and(|p| p.covers(path));
+    if req.method() == Method::GET {
+        if let Some(m) = runtime.model(id) {
+            if let Err(e) = runtime.keys.authenticate(req.headers()) {
+                return e.into_response();
+            }
+            return axum::Json(serde_json::json!({
+                "id": m.config.name,
+                "object": "model",
+                "created": runtime.models_created,
+                "owned_by": "relaygate",
+            }))
+            .into_response();
+        }
+    }
+    if passes {
+        return passthrough::handle(state.clone(), req).await;
+    }
+    if let Err(e) = runtime.keys.authenticate(req.headers()) {
+        return e.into_response();
+    }
+    GatewayError::ModelNotFound(crate::error::clip(id)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -169,15 +169,7 @@ async fn run(
     let body = Limited::new(PausedBody::new(body, pause), limit)
         .collect()
         .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                GatewayError::PayloadTooLarge { limit }
-            } else if e.downcast_ref::<BodyPaused>().is_some() {
-                GatewayError::RequestBodyTimeout { after: pause }
-            } else {
-                GatewayError::InvalidRequest("The request body could not be read.".into())
-            }
-        })?
+        .map_err(|e| body_error(&*e, limit, pause))?
         .to_bytes();
 
     let parsed = request::parse(endpoint, &body)?;
@@ -323,6 +315,9 @@ async fn run(
                 usage => record.set_usage(usage),
             }
             record.set_answer(&body);
+            if endpoint == Endpoint::Responses && status.is_success() {
+                super::passthrough::remember_response(state, &body, false, &upstream.name);
+            }
             if let Some((cache, mut plan)) = plan {
                 cache.store(&mut plan, cache::plain_entry(status, &headers, body.clone(), usage));
             }
@@ -340,6 +335,9 @@ async fn run(
             reader,
         } => {
             record.commit_stream(answer.ticket, answer.started);
+            if endpoint == Endpoint::Responses {
+                super::passthrough::remember_response(state, &first, true, &upstream.name);
+            }
             let capture = plan.and_then(|(cache, plan)| Capture::new(cache, plan, status, &headers).map(Box::new));
             Ok(Proxied::Stream {
                 status,
@@ -356,18 +354,29 @@ async fn run(
     }
 }
 
+/// Why a client's body (read whole, within `limit`) could not be read.
+pub(super) fn body_error(e: &(dyn std::error::Error + 'static), limit: usize, pause: Duration) -> GatewayError {
+    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+        GatewayError::PayloadTooLarge { limit }
+    } else if e.downcast_ref::<BodyPaused>().is_some() {
+        GatewayError::RequestBodyTimeout { after: pause }
+    } else {
+        GatewayError::InvalidRequest("The request body could not be read.".into())
+    }
+}
+
 /// The client's request body, failing when the client pauses longer than
 /// `server.request_body_timeout` between two pieces of it. Written here
 /// rather than tower-http's `TimeoutBody`, which arms its timer before it
 /// polls the body, i.e. on every request; a body already in hyper's buffer,
 /// the usual case, never waits and never needs one (`net::Stall`).
-struct PausedBody<B> {
+pub(super) struct PausedBody<B> {
     body: B,
     stall: crate::net::Stall,
 }
 
 impl<B> PausedBody<B> {
-    fn new(body: B, pause: Duration) -> Self {
+    pub(super) fn new(body: B, pause: Duration) -> Self {
         Self {
             body,
             stall: crate::net::Stall::new(pause),

@@ -5,6 +5,7 @@
 pub mod auth;
 mod cached;
 pub mod handle;
+pub mod passthrough;
 pub mod record;
 pub mod state;
 pub mod stream;

@@ -302,7 +302,7 @@ impl RequestRecord {
             }
         }
         self.last_batch = Some(now);
-        let info = sse::inspect(batch);
+        let info = sse::inspect_for(self.endpoint, batch);
         self.saw_done |= info.done;
         self.text_bytes += info.text_bytes;
         self.set_usage(info.usage);
@@ -318,6 +318,10 @@ impl RequestRecord {
     /// The upstream of the current attempt, for error messages.
     pub fn upstream_name(&self) -> String {
         self.upstream.as_ref().map_or("-", |u| &*u.name).to_owned()
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
     }
 
     pub fn saw_done(&self) -> bool {
@@ -381,6 +385,7 @@ impl RequestRecord {
             request_id: self.request_id(),
             key: &self.key,
             operation: self.endpoint.operation(),
+            endpoint: self.endpoint as usize,
             model: &self.model,
             upstream: self.upstream.as_ref().map(|u| (&*u.name, u.index)),
             upstream_window: self.upstream.as_ref().map(|u| &u.state.window),

@@ -18,6 +18,7 @@ use crate::config::{Config, ModelConfig, UpstreamConfig};
 use crate::gateway::auth::ClientKeys;
 use crate::outcome::Outcome;
 use crate::ratelimit::Limiter;
+use crate::request::Endpoint;
 use crate::shadow::Shadow;
 use crate::stack::balance::LoadRegistry;
 use crate::stack::Route;
@@ -42,6 +43,8 @@ pub struct Runtime {
     pub keys: ClientKeys,
     /// The `/v1/models` answer, built once.
     pub models_json: Bytes,
+    /// The models' `created` (this config's load time), for `/v1/models/{id}`.
+    pub models_created: u64,
 }
 
 /// One configured model, with everything its requests need.
@@ -161,6 +164,7 @@ impl Runtime {
             models,
             by_name,
             models_json,
+            models_created: created,
             config,
         })
     }
@@ -195,7 +199,14 @@ struct Shared {
     /// The response cache's store, built once like the limiter: `[cache]`
     /// applies at start; which models use it follows reloads.
     cache: Option<Arc<Cache>>,
+    /// Responses API ids → the upstream that answered them, so that
+    /// `/v1/responses/{id}` finds the stored response (`passthrough`).
+    stored_responses: moka::sync::Cache<String, Arc<str>>,
 }
+
+/// Ids remembered, and for how long: OpenAI keeps stored responses 30 days.
+const STORED_RESPONSES: u64 = 100_000;
+const STORED_RESPONSES_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl AppState {
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -220,6 +231,10 @@ impl AppState {
 
     pub fn cache(&self) -> Option<&Arc<Cache>> {
         self.inner.cache.as_ref()
+    }
+
+    pub fn stored_responses(&self) -> &moka::sync::Cache<String, Arc<str>> {
+        &self.inner.stored_responses
     }
 
     pub fn is_draining(&self) -> bool {
@@ -368,6 +383,10 @@ impl AppState {
                 limiter,
                 budgets,
                 cache,
+                stored_responses: moka::sync::Cache::builder()
+                    .max_capacity(STORED_RESPONSES)
+                    .time_to_live(STORED_RESPONSES_TTL)
+                    .build(),
             }),
         })
     }
@@ -455,7 +474,8 @@ fn preregister(metrics: &Metrics, cache: Option<&Cache>, runtime: &Runtime) {
     }
     for m in &runtime.models {
         let first = AnsweredBy::Upstream(m.route.targets[0].upstream.index);
-        m.metrics.request(200, Outcome::Success, first);
+        m.metrics
+            .request(200, Outcome::Success, first, Endpoint::ChatCompletions as usize);
     }
     metrics.preregister(runtime.models.iter().map(|m| {
         let upstreams = m.route.targets.iter().map(|t| &*t.upstream.name).collect();

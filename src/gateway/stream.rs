@@ -35,6 +35,8 @@ pub fn forward(
         idle: Duration,
         deadline: Instant,
         strip_usage: bool,
+        /// A Responses API stream: its own end event and error shape.
+        responses: bool,
         upstream: String,
         record: Option<RequestRecord>,
     }
@@ -47,6 +49,7 @@ pub fn forward(
         idle,
         deadline,
         strip_usage,
+        responses: record.endpoint().is_responses(),
         upstream: record.upstream_name(),
         record: Some(record),
     });
@@ -83,7 +86,11 @@ pub fn forward(
                 }
                 Ok(Ok(None)) | Ok(Err(ReadError::Truncated)) => GatewayError::UpstreamMalformed {
                     upstream: st.upstream.clone(),
-                    detail: "the stream ended without [DONE]",
+                    detail: if st.responses {
+                        "the stream ended without its final response event"
+                    } else {
+                        "the stream ended without [DONE]"
+                    },
                 },
                 Ok(Err(ReadError::EventTooLarge)) => GatewayError::UpstreamMalformed {
                     upstream: st.upstream.clone(),
@@ -101,7 +108,11 @@ pub fn forward(
                     },
                 },
             };
-            let event = error.sse_event();
+            let event = if st.responses {
+                error.responses_sse_event()
+            } else {
+                error.sse_event()
+            };
             st.record.take()?.finish_stream(Some(&error));
             return Some((Ok(event), st));
         }

@@ -277,7 +277,7 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
             let mut batch = Some(first);
             let mut broken = false;
             while let Some(b) = batch.take() {
-                let info = crate::sse::inspect(&b);
+                let info = crate::sse::inspect_for(m.endpoint, &b);
                 done |= info.done;
                 usage = info.usage.or(usage);
                 if want_text {

@@ -101,9 +101,10 @@ impl Metrics {
                     Opts::new(
                         "relaygate_requests_total",
                         "Requests answered, by model, the upstream that answered (or was last tried; \
-                         `cache` for a cache hit, `none` when none was), HTTP status and outcome.",
+                         `cache` for a cache hit, `none` when none was), HTTP status, outcome and \
+                         endpoint (chat_completions, completions, embeddings, responses, passthrough).",
                     ),
-                    &["model", "upstream", "status", "outcome"],
+                    &["model", "upstream", "status", "outcome", "endpoint"],
                 ),
             ),
             request_duration: reg(
@@ -459,14 +460,38 @@ impl<const N: usize> StatusCells<N> {
         }
     }
 
-    fn get(&self, status: Option<u16>, last: usize, last_label: &str) -> &IntCounter {
+    /// The cell `last` of `status`; `after` are the labels that follow
+    /// the status (they name `last`).
+    fn get(&self, status: Option<u16>, last: usize, after: &[&str]) -> &IntCounter {
         let slot = status_slot(status);
         self.cells[slot][last].get_or_init(|| {
             let mut labels: Vec<&str> = self.fixed.iter().map(|f| &**f).collect();
-            labels.extend([slot_label(slot), last_label]);
+            labels.push(slot_label(slot));
+            labels.extend_from_slice(after);
             self.family.with_label_values(&labels)
         })
     }
+}
+
+/// The `endpoint` label of `relaygate_requests_total`, a closed set indexed
+/// by `request::Endpoint`'s discriminants.
+pub const ENDPOINTS: [&str; 5] = [
+    "chat_completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "passthrough",
+];
+
+/// `relaygate_requests_total` cells: one per (outcome, endpoint).
+const REQUEST_CELLS: usize = Outcome::COUNT * ENDPOINTS.len();
+
+fn request_cell(cells: &StatusCells<REQUEST_CELLS>, status: u16, outcome: Outcome, endpoint: usize) -> &IntCounter {
+    cells.get(
+        Some(status),
+        endpoint * Outcome::COUNT + outcome as usize,
+        &[outcome.as_str(), ENDPOINTS[endpoint]],
+    )
 }
 
 /// One upstream's attempt metrics.
@@ -518,7 +543,7 @@ impl UpstreamMetrics {
     /// `relaygate_upstream_duration_seconds`.
     pub fn attempt(&self, status: Option<u16>, error_type: ErrorType, started: Instant) {
         self.attempts
-            .get(status, error_type as usize, error_type.as_str())
+            .get(status, error_type as usize, &[error_type.as_str()])
             .inc();
         self.duration.observe(started.elapsed().as_secs_f64());
     }
@@ -541,15 +566,15 @@ pub struct ModelMetrics {
     /// `relaygate_requests_total` with `upstream="none"` (no upstream was
     /// tried) and `upstream="cache"` (a cache hit); those with an upstream
     /// are in `ModelUpstreamMetrics`.
-    requests: StatusCells<{ Outcome::COUNT }>,
-    cache_hits: StatusCells<{ Outcome::COUNT }>,
+    requests: StatusCells<REQUEST_CELLS>,
+    cache_hits: StatusCells<REQUEST_CELLS>,
     pub duration: Histogram,
     /// By upstream index; `Some` for the model's targets.
     upstreams: Vec<Option<ModelUpstreamMetrics>>,
 }
 
 pub struct ModelUpstreamMetrics {
-    requests: StatusCells<{ Outcome::COUNT }>,
+    requests: StatusCells<REQUEST_CELLS>,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     /// In `TOKEN_TYPES` order.
@@ -590,14 +615,15 @@ impl ModelMetrics {
         Self::new(metrics, OTHER, &[], &[])
     }
 
-    /// The request counter for an answer from `by`.
-    pub fn request(&self, status: u16, outcome: Outcome, by: AnsweredBy) -> &IntCounter {
+    /// The request counter for an answer from `by` to `endpoint` (an index
+    /// into `ENDPOINTS`).
+    pub fn request(&self, status: u16, outcome: Outcome, by: AnsweredBy, endpoint: usize) -> &IntCounter {
         let cells = match by {
             AnsweredBy::Upstream(i) => self.at(i).map_or(&self.requests, |at| &at.requests),
             AnsweredBy::Cache => &self.cache_hits,
             AnsweredBy::None => &self.requests,
         };
-        cells.get(Some(status), outcome as usize, outcome.as_str())
+        request_cell(cells, status, outcome, endpoint)
     }
 
     /// The metrics of this model at `upstream` (an index), if it routes there.
@@ -629,11 +655,11 @@ mod tests {
         let m = Metrics::new();
         m.preregister([("deepseek-chat", vec!["holysheep"])].into_iter());
         m.requests
-            .with_label_values(&["deepseek-chat", "holysheep", "200", "success"])
+            .with_label_values(&["deepseek-chat", "holysheep", "200", "success", "chat_completions"])
             .inc();
         let text = m.render();
         for name in [
-            "relaygate_requests_total{model=\"deepseek-chat\",outcome=\"success\",status=\"200\",upstream=\"holysheep\"} 1",
+            "relaygate_requests_total{endpoint=\"chat_completions\",model=\"deepseek-chat\",outcome=\"success\",status=\"200\",upstream=\"holysheep\"} 1",
             "relaygate_request_duration_seconds_bucket{model=\"deepseek-chat\",le=\"0.12\"} 0",
             "relaygate_in_flight_requests 0",
             "relaygate_build_info{version=\"",
@@ -649,15 +675,17 @@ mod tests {
         let m = Metrics::new();
         let model = ModelMetrics::new(&m, "chat", &["a", "b", "c"], &[0, 2]);
         model
-            .request(503, Outcome::UpstreamError, AnsweredBy::Upstream(2))
+            .request(503, Outcome::UpstreamError, AnsweredBy::Upstream(2), 0)
             .inc();
         model
-            .request(503, Outcome::UpstreamError, AnsweredBy::Upstream(2))
+            .request(503, Outcome::UpstreamError, AnsweredBy::Upstream(2), 0)
             .inc();
-        model.request(418, Outcome::ClientError, AnsweredBy::None).inc();
-        model.request(200, Outcome::Success, AnsweredBy::Cache).inc();
+        model.request(418, Outcome::ClientError, AnsweredBy::None, 0).inc();
+        model.request(200, Outcome::Success, AnsweredBy::Cache, 0).inc();
         // An index that is not a target counts as no upstream.
-        model.request(418, Outcome::ClientError, AnsweredBy::Upstream(1)).inc();
+        model
+            .request(418, Outcome::ClientError, AnsweredBy::Upstream(1), 0)
+            .inc();
         model.at(2).expect("a target").tokens[3].inc_by(7);
         assert!(model.at(1).is_none(), "b is not a target");
         let upstream = UpstreamMetrics::new(&m, "a");
@@ -665,9 +693,9 @@ mod tests {
         upstream.attempt(Some(429), ErrorType::RateLimited, Instant::now());
         let text = m.render();
         for series in [
-            r#"relaygate_requests_total{model="chat",outcome="upstream_error",status="503",upstream="c"} 2"#,
-            r#"relaygate_requests_total{model="chat",outcome="client_error",status="other",upstream="none"} 2"#,
-            r#"relaygate_requests_total{model="chat",outcome="success",status="200",upstream="cache"} 1"#,
+            r#"relaygate_requests_total{endpoint="chat_completions",model="chat",outcome="upstream_error",status="503",upstream="c"} 2"#,
+            r#"relaygate_requests_total{endpoint="chat_completions",model="chat",outcome="client_error",status="other",upstream="none"} 2"#,
+            r#"relaygate_requests_total{endpoint="chat_completions",model="chat",outcome="success",status="200",upstream="cache"} 1"#,
             r#"relaygate_tokens_total{model="chat",type="reasoning",upstream="c"} 7"#,
             r#"relaygate_upstream_requests_total{error_type="cancelled",status="none",upstream="a"} 1"#,
             r#"relaygate_upstream_requests_total{error_type="rate_limited",status="429",upstream="a"} 1"#,

@@ -37,6 +37,8 @@ pub struct Finished<'a> {
     pub key: &'a str,
     /// `gen_ai.operation.name` for traces.
     pub operation: &'static str,
+    /// The `endpoint` label: an index into `metrics::ENDPOINTS`.
+    pub endpoint: usize,
     /// The model's metric handles (the label `other` for a request that
     /// matched none).
     pub model: &'a ModelMetrics,
@@ -112,7 +114,7 @@ impl Sinks {
             Some((_, index)) => AnsweredBy::Upstream(index),
             None => AnsweredBy::None,
         };
-        f.model.request(f.status, f.outcome, by).inc();
+        f.model.request(f.status, f.outcome, by, f.endpoint).inc();
         f.model.duration.observe(f.latency.as_secs_f64());
         let at = f.upstream.and_then(|(_, index)| f.model.at(index));
         if let (Some(tokens), Some(at)) = (f.tokens, at) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -29,7 +29,7 @@ use crate::usage::{self, Usage};
 
 pub mod breaker;
 mod pool;
-pub use pool::{Body, Pool, SendError};
+pub use pool::{Body, BodyFailed, OutBody, Pool, SendError, Unsent};
 
 pub struct Upstream {
     pub name: Arc<str>,
@@ -40,8 +40,8 @@ pub struct Upstream {
     pub state: Arc<UpstreamState>,
     /// `max_concurrency`, when set.
     pub limit: Option<Arc<Semaphore>>,
-    /// `base_url` + each endpoint's path, parsed once at config load.
-    uris: [Uri; 3],
+    /// `base_url` + each routed endpoint's path, parsed once at config load.
+    uris: [Uri; 4],
     /// The host of `base_url` (for traces and admin output; never the key).
     pub host: String,
     /// Attempt metrics, resolved at config load.
@@ -280,11 +280,7 @@ impl Upstream {
             // base_url was validated as an http(s) URL when the config loaded.
             Uri::try_from(format!("{}{}", config.base_url, e.upstream_path())).expect("validated base_url")
         };
-        let uris = [
-            uri(Endpoint::ChatCompletions),
-            uri(Endpoint::Completions),
-            uri(Endpoint::Embeddings),
-        ];
+        let uris = Endpoint::ROUTED.map(uri);
         Ok(Self {
             name: Arc::from(config.name.as_str()),
             index,
@@ -338,7 +334,7 @@ impl Upstream {
             }
         };
 
-        let mut request = Request::new(Full::new(attempt.body));
+        let mut request = Request::new(OutBody::from(attempt.body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uris[attempt.endpoint as usize].clone();
         let headers = request.headers_mut();
@@ -505,6 +501,32 @@ impl Upstream {
         self.name.to_string()
     }
 
+    /// One pass-through exchange (`gateway::passthrough`): the client's
+    /// method, `/v1` path and query on this upstream's `base_url`, its
+    /// headers as `passthrough_headers` left them, and this upstream's key.
+    /// No deadline here: the caller holds the clock.
+    pub async fn send_passthrough(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: OutBody,
+    ) -> Result<http::Response<Body>, Unsent> {
+        let suffix = path_and_query.strip_prefix("/v1").unwrap_or(path_and_query);
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        // base_url was validated and the path came in a parsed request URI.
+        if let Ok(uri) = Uri::try_from(format!("{}{suffix}", self.config.base_url)) {
+            *request.uri_mut() = uri;
+        }
+        *request.headers_mut() = headers;
+        request.headers_mut().insert(header::USER_AGENT, USER_AGENT);
+        if let Some(auth) = &self.authorization {
+            request.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+        }
+        self.pool.send_or_return(request).await
+    }
+
     fn fail(&self, error: GatewayError, error_type: ErrorType, status: Option<u16>) -> AttemptError {
         AttemptError {
             error,
@@ -580,12 +602,26 @@ pub fn forwardable_headers(client: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Client headers for a pass-through request: `forwardable_headers`, and
+/// the body's own headers back (its type, with a multipart boundary, and
+/// length), and `accept-encoding`: relaygate does not read the answer, so
+/// it may come compressed.
+pub fn passthrough_headers(client: &HeaderMap) -> HeaderMap {
+    let mut out = forwardable_headers(client);
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::ACCEPT_ENCODING] {
+        for value in client.get_all(&name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// Upstream response headers to pass to the client: everything but
 /// hop-by-hop headers, the length (the server recomputes it), cookies (the
 /// relay's session is not the app's), and the upstream's request id, which
 /// is kept as `x-upstream-request-id` because relaygate sets its own.
 /// Edits the upstream's map in place: rebuilding it showed in the profile.
-fn response_headers(mut headers: HeaderMap) -> HeaderMap {
+pub fn response_headers(mut headers: HeaderMap) -> HeaderMap {
     // Names as constants: `remove(&str)` would parse each one per response.
     const ALSO_DROPPED: [HeaderName; 5] = [
         header::CONTENT_LENGTH,

@@ -101,7 +101,64 @@ impl Transport for TokioIo<TlsStream<TcpStream>> {
         self.inner().get_ref().1.alpn_protocol() == Some(b"h2")
     }
 }
-type H1 = http1::SendRequest<Full<Bytes>>;
+type H1 = http1::SendRequest<OutBody>;
+
+/// A request's body upstream: buffered (every routed request), or the
+/// client's body as it arrives (the pass-through, `gateway::passthrough`).
+/// An enum of our own rather than http-body-util's `Either`: that one's
+/// boxed error type trips rustc's higher-ranked check where the connection
+/// task is spawned.
+pub enum OutBody {
+    Full(Full<Bytes>),
+    Stream(Pin<Box<dyn hyper::body::Body<Data = Bytes, Error = BodyFailed> + Send>>),
+}
+
+/// The client's body failed on its way upstream (it broke off, paused too
+/// long or went over the limit); the upstream exchange is abandoned.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body failed: {0}")]
+pub struct BodyFailed(pub &'static str);
+
+impl From<Bytes> for OutBody {
+    fn from(bytes: Bytes) -> Self {
+        OutBody::Full(Full::new(bytes))
+    }
+}
+
+impl hyper::body::Body for OutBody {
+    type Data = Bytes;
+    type Error = BodyFailed;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFailed>>> {
+        match self.get_mut() {
+            OutBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|e| match e {}))),
+            OutBody::Stream(body) => body.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Full(full) => full.is_end_stream(),
+            OutBody::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Full(full) => full.size_hint(),
+            OutBody::Stream(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A request that got no response, with the request itself when none of
+/// it was written: the caller may send it again, body and all.
+pub struct Unsent {
+    pub error: SendError,
+    pub request: Option<Request<OutBody>>,
+}
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +205,7 @@ struct Idle {
 
 #[derive(Clone)]
 struct H2 {
-    tx: http2::SendRequest<Full<Bytes>>,
+    tx: http2::SendRequest<OutBody>,
     streams: Arc<Streams>,
 }
 
@@ -187,7 +244,7 @@ enum Conn {
         reused: bool,
     },
     H2 {
-        tx: http2::SendRequest<Full<Bytes>>,
+        tx: http2::SendRequest<OutBody>,
         guard: StreamGuard,
         reused: bool,
     },
@@ -243,7 +300,12 @@ impl Pool {
     }
 
     /// Sends `request` (absolute URI) on a pooled or new connection.
-    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Response<Body>, SendError> {
+    pub async fn send(&self, request: Request<OutBody>) -> Result<Response<Body>, SendError> {
+        self.send_or_return(request).await.map_err(|u| u.error)
+    }
+
+    /// `send`, handing the request back when none of it was written.
+    pub async fn send_or_return(&self, mut request: Request<OutBody>) -> Result<Response<Body>, Unsent> {
         let inner = &self.inner;
         let uri = request.uri().clone();
         let origin_form = Uri::from(
@@ -256,7 +318,16 @@ impl Pool {
                 Some(conn) => conn,
                 // Boxed: the connect future (DNS, TLS, handshakes) is large,
                 // and inline it would be moved with every request's future.
-                None => Box::pin(inner.connect()).await?,
+                None => match Box::pin(inner.connect()).await {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        *request.uri_mut() = uri;
+                        return Err(Unsent {
+                            error,
+                            request: Some(request),
+                        });
+                    }
+                },
             };
             let (result, reused) = match conn {
                 Conn::H1 { mut tx, reused } => {
@@ -291,7 +362,15 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to send again, on another connection.
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Send(e.into_error())),
+                    unsent => {
+                        return Err(Unsent {
+                            error: SendError::Send(e.into_error()),
+                            request: unsent.map(|mut r| {
+                                *r.uri_mut() = uri;
+                                r
+                            }),
+                        })
+                    }
                 },
             }
         }
@@ -475,7 +554,7 @@ struct H2Driver {
     streams: Arc<Streams>,
 }
 
-type H2Connection = http2::Connection<Io, Full<Bytes>, TokioExecutor>;
+type H2Connection = http2::Connection<Io, OutBody, TokioExecutor>;
 
 /// The streams a connection may carry now: the server's limit, at most ours.
 fn max_streams(connection: &H2Connection) -> usize {
@@ -575,18 +654,18 @@ mod tests {
     }
 
     /// Sends, reads the answer to its end (which returns the connection).
-    async fn round_trip(pool: &Pool, request: Request<Full<Bytes>>) -> Bytes {
+    async fn round_trip(pool: &Pool, request: Request<OutBody>) -> Bytes {
         let response = pool.send(request).await.unwrap();
         response.into_body().collect().await.unwrap().to_bytes()
     }
 
-    fn chat(sim: &Sim, stream: bool) -> Request<Full<Bytes>> {
+    fn chat(sim: &Sim, stream: bool) -> Request<OutBody> {
         chat_at(&sim.base_url(), stream)
     }
 
-    fn chat_at(base_url: &str, stream: bool) -> Request<Full<Bytes>> {
+    fn chat_at(base_url: &str, stream: bool) -> Request<OutBody> {
         let body = format!(r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#);
-        let mut request = Request::new(Full::new(Bytes::from(body)));
+        let mut request = Request::new(OutBody::from(Bytes::from(body)));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = format!("{base_url}/chat/completions").parse().unwrap();
         request
