@@ -547,8 +547,6 @@ fn stream(
     id: String,
     include_usage: bool,
 ) -> Response {
-    inner.streams_opened.fetch_add(1, Ordering::SeqCst);
-    inner.last_stream.lock().expect("sim lock").clear();
     let created = now();
     let chunk = |delta: Value, finish: Value| {
         json!({
@@ -557,12 +555,11 @@ fn stream(
             "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
         })
     };
-    // Events in order; `Some(n)` marks the n-th content chunk (1-based).
     // The default shape keeps to one `format!` per event: the benchmark's
     // upstream runs this path for every chunk it sends.
     let shaped = faults.shapes_events();
     let event = |value: &Value| if shaped { shaped_sse(value, &faults) } else { sse(value) };
-    let mut events: Vec<(Option<usize>, String)> = Vec::with_capacity(faults.chunks + 4);
+    let mut events: Vec<Event> = Vec::with_capacity(faults.chunks + 4);
     events.push((
         None,
         event(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null)),
@@ -598,7 +595,19 @@ fn stream(
     }
     let eol = faults.line_ending.as_str();
     events.push((None, format!("data: [DONE]{eol}{eol}")));
+    sse_response(inner, faults, events)
+}
 
+/// One event of a simulated stream, as written; `Some(n)` marks the n-th
+/// content event (1-based), where `reset_after` and `stall_after` count.
+type Event = (Option<usize>, String);
+
+/// Writes `events` as an SSE body under the stream knobs (`chunk_interval`,
+/// `reset_after`, `stall_after`, `split_events`, `garbage_body`), keeping
+/// its bytes in `last_stream` and counting it in `Stats`.
+fn sse_response(inner: Arc<Inner>, faults: Faults, mut events: Vec<Event>) -> Response {
+    inner.streams_opened.fetch_add(1, Ordering::SeqCst);
+    inner.last_stream.lock().expect("sim lock").clear();
     if faults.garbage_body {
         events = vec![(None, "this is not server-sent events\n".to_owned())];
     }
