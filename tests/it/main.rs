@@ -38,6 +38,7 @@ mod ratelimit;
 mod ratelimit_gateway;
 mod reload;
 mod resilience;
+mod responses;
 mod routing;
 mod shadow;
 mod sse_props;

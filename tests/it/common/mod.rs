@@ -355,6 +355,18 @@ pub async fn closed_port() -> u16 {
 /// newline) the program itself. Fails the test with the script's output,
 /// or with the setup to do if the SDK is not installed. Returns stdout.
 pub async fn run_sdk_script(python: &std::path::Path, script: &str, gw: &Gateway, env: &[(&str, String)]) -> String {
+    run_sdk_script_at(python, script, &gw.v1(""), CLIENT_KEY, env).await
+}
+
+/// `run_sdk_script` against any OpenAI-compatible `base_url` (a simulator's,
+/// say) with `api_key`.
+pub async fn run_sdk_script_at(
+    python: &std::path::Path,
+    script: &str,
+    base_url: &str,
+    api_key: &str,
+    env: &[(&str, String)],
+) -> String {
     let mut cmd = tokio::process::Command::new(python);
     if script.starts_with('\n') {
         cmd.args(["-c", script]);
@@ -365,8 +377,8 @@ pub async fn run_sdk_script(python: &std::path::Path, script: &str, gw: &Gateway
                 .join(script),
         );
     }
-    cmd.env("RELAYGATE_BASE_URL", gw.v1(""))
-        .env("RELAYGATE_API_KEY", CLIENT_KEY);
+    cmd.env("RELAYGATE_BASE_URL", base_url)
+        .env("RELAYGATE_API_KEY", api_key);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -396,4 +408,52 @@ pub fn sdk_python() -> Option<std::path::PathBuf> {
     }
     let venv = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     Some(if venv.exists() { venv } else { "python3".into() })
+}
+
+/// Asserts an OpenAI-shaped error (`{"error":{"message","type","code"}}`)
+/// with this status and code, and returns its body.
+pub async fn expect_openai_error(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(body["error"]["type"].as_str().is_some(), "{body}");
+    body
+}
+
+/// The events of an SSE body whose events are named, as the Responses API
+/// sends them: `(event, data)` for each, in order. Panics on a partial event
+/// or one that is not `event:` then one `data:` line of JSON.
+pub fn named_events(body: &[u8]) -> Vec<(String, Value)> {
+    let text = std::str::from_utf8(body).expect("an SSE body is UTF-8");
+    assert!(text.is_empty() || text.ends_with("\n\n"), "whole events only: {text}");
+    text.split_terminator("\n\n")
+        .map(|event| {
+            let (name, data) = event
+                .split_once('\n')
+                .unwrap_or_else(|| panic!("not a named event: {event}"));
+            let name = name
+                .strip_prefix("event: ")
+                .unwrap_or_else(|| panic!("no event name: {event}"));
+            let data = data
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("no data: {event}"));
+            let data = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+            (name.to_owned(), data)
+        })
+        .collect()
+}
+
+/// `value` with every number as an f64, to compare JSON that went through a
+/// client which reads `1` as `1.0` (the openai SDK's float fields).
+pub fn numbers_as_f64(value: &Value) -> Value {
+    match value {
+        Value::Number(n) => json!(n.as_f64().expect("a finite number")),
+        Value::Array(items) => Value::Array(items.iter().map(numbers_as_f64).collect()),
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), numbers_as_f64(v))).collect()),
+        other => other.clone(),
+    }
 }
