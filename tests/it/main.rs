@@ -34,6 +34,7 @@ mod ledger;
 mod observability;
 mod openai_sdk;
 mod otel;
+mod passthrough;
 mod ratelimit;
 mod ratelimit_gateway;
 mod reload;

@@ -457,3 +457,28 @@ pub fn numbers_as_f64(value: &Value) -> Value {
         other => other.clone(),
     }
 }
+
+/// A `multipart/form-data` body with a `model` field and a `file` part
+/// holding `file`, and its content type, built by hand so a test knows the
+/// exact bytes (reqwest's multipart is not enabled).
+pub fn multipart_upload(file: &[u8]) -> (String, Vec<u8>) {
+    let boundary = format!("relaygate-test-{:016x}", fastrand::u64(..));
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"audio.wav\"\r\n\
+         Content-Type: audio/wav\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// `bytes` as a streamed request body of 64 KiB chunks (no copy).
+pub fn chunked_body(bytes: bytes::Bytes) -> reqwest::Body {
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..bytes.len())
+        .step_by(64 * 1024)
+        .map(|at| Ok(bytes.slice(at..(at + 64 * 1024).min(bytes.len()))))
+        .collect();
+    reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+}
