@@ -110,6 +110,7 @@ pub struct Faults {
     pub finish_reason: Option<String>,
     /// Read the whole request body, then close the connection without an
     /// answer: a request that was sent but may or may not have been acted on.
+    /// With HTTP/2 that closes the connection's other streams too.
     pub reset_after_body: bool,
     /// The length of `GET /v1/files/{id}/content` (see `download_bytes`).
     pub download_bytes: usize,
