@@ -84,7 +84,7 @@ impl tower::Service<Req> for Routes {
             (&Method::POST, "/v1/completions") => Endpoint::Completions,
             (&Method::POST, "/v1/embeddings") => Endpoint::Embeddings,
             (&Method::POST, "/v1/responses") => Endpoint::Responses,
-            (method, path) if self.passes_through(method, path) => {
+            (_, path) if self.passes_through(path) => {
                 let state = self.state.clone();
                 return Either::Left(Box::pin(async move {
                     Ok(passthrough::handle(state, req.map(axum::body::Body::new)).await)
@@ -103,14 +103,13 @@ impl Routes {
     /// The stored-response calls, and the paths `[passthrough]` covers
     /// that relaygate does not serve itself (`/v1/models` and below are
     /// the router's: it answers configured models and passes the rest).
-    fn passes_through(&self, method: &Method, path: &str) -> bool {
+    fn passes_through(&self, path: &str) -> bool {
         if passthrough::is_stored_response(path) {
             return true;
         }
         if path == "/v1/models" || path.starts_with("/v1/models/") {
             return false;
         }
-        let _ = method;
         self.state
             .runtime()
             .config
