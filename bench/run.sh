@@ -10,6 +10,8 @@
 #                           # open stream alternating 3 times
 #   bench/run.sh --cache    # the response cache: CPU and instructions per
 #                           # request for a hit, a miss and the proxy path
+#   bench/run.sh --passthrough # the pass-through (POST /v1/moderations) next
+#                           # to chat: CPU and instructions per request
 #
 # Core 1 runs the proxy under test (nginx or relaygate, `taskset -c 1`);
 # core 0 runs the load generator and the simulated upstream. Everything
@@ -23,11 +25,13 @@ QUICK=0
 BUILD=1
 AB_OLD=""
 CACHE=0
+PASSTHROUGH=0
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
     --cache) CACHE=1 ;;
+    --passthrough) PASSTHROUGH=1 ;;
     --ab)
       AB_OLD="${2:-}"
       [ -x "$AB_OLD" ] || { echo "bench: --ab needs an executable relaygate binary" >&2; exit 2; }
@@ -56,7 +60,7 @@ BODY='{"model":"deepseek-chat","max_tokens":64,"messages":[{"role":"user","conte
 need() { command -v "$1" >/dev/null || { echo "bench: $1 not found: $2" >&2; exit 1; }; }
 export PATH="$PATH:$HOME/.cargo/bin"
 # --ab measures saturation only (wrk); the full run also needs oha.
-[ -n "$AB_OLD" ] || [ "$CACHE" = 1 ] || need oha "cargo install oha --locked"
+[ -n "$AB_OLD" ] || [ "$CACHE" = 1 ] || [ "$PASSTHROUGH" = 1 ] || need oha "cargo install oha --locked"
 need wrk "apt-get install wrk"
 need nginx "apt-get install nginx"
 need taskset "apt-get install util-linux"
@@ -429,6 +433,47 @@ print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",
           n="$(instructions_per_request "$BIN/relaygate" "$TMP/$model-$vary.lua" "$TMP/callgrind-$model-$vary-$round.out")"
           echo "| $round | $(path_name "$model" "$vary") | $n |"
         done
+      done
+    done
+  fi
+  exit 0
+fi
+
+if [ "$PASSTHROUGH" = 1 ]; then
+  # The pass-through (issue 19) next to chat, this build only: the same
+  # simulator, one request each, a small JSON body both ways (moderations
+  # names no model: it goes to [passthrough]'s upstream unchanged).
+  cat >>"$TMP/relaygate.toml" <<TOML
+
+[passthrough]
+upstream = "fast-a"
+TOML
+  cp "$TMP/post.lua" "$TMP/chat.lua"
+  sed 's|^wrk.body = .*|wrk.body = '"'"'{"input":"Say hello"}'"'"'\nwrk.path = "/v1/moderations"|' "$TMP/post.lua" >"$TMP/moderations.lua"
+  echo "relaygate pass-through, $(date -u +%Y-%m-%dT%H:%M:%SZ): wrk -t1 -c$WRK_CONNS for $SAT_FOR, proxy on core $PROXY_CORE"
+  echo
+  echo "| round | path | req/s | proxy CPU per request, µs |"
+  echo "|---|---|---|---|"
+  for round in 1 2 3; do
+    for path in chat moderations; do
+      start_relaygate
+      url="http://$RELAYGATE_ADDR/v1/chat/completions" # moderations.lua sets its own path
+      load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/$path.lua" "$url" >/dev/null
+      python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+assert d["errors"] == 0, d
+print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",.0f"), d["proxy_cpu_s"] / d["requests"] * 1e6))' \
+        "$(saturate "$url" "$RELAYGATE_PID" "$TMP/$path.lua")" "$round" "$path"
+      stop "$RELAYGATE_PID"
+    done
+  done
+  if command -v callgrind_control >/dev/null; then
+    echo
+    echo "| round | path | user-space instructions per request (callgrind) |"
+    echo "|---|---|---|"
+    for round in 1 2; do
+      for path in chat moderations; do
+        n="$(instructions_per_request "$BIN/relaygate" "$TMP/$path.lua" "$TMP/callgrind-$path-$round.out")"
+        echo "| $round | $path | $n |"
       done
     done
   fi
