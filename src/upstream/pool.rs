@@ -154,10 +154,11 @@ impl hyper::body::Body for OutBody {
 }
 
 /// A request that got no response, with the request itself when none of
-/// it was written: the caller may send it again, body and all.
+/// it was written: the caller may send it again, body and all. Boxed: the
+/// rare case should not make every request's future larger.
 pub struct Unsent {
     pub error: SendError,
-    pub request: Option<Request<OutBody>>,
+    pub request: Option<Box<Request<OutBody>>>,
 }
 
 /// Why a request got no response.
@@ -324,7 +325,7 @@ impl Pool {
                         *request.uri_mut() = uri;
                         return Err(Unsent {
                             error,
-                            request: Some(request),
+                            request: Some(Box::new(request)),
                         });
                     }
                 },
@@ -367,7 +368,7 @@ impl Pool {
                             error: SendError::Send(e.into_error()),
                             request: unsent.map(|mut r| {
                                 *r.uri_mut() = uri;
-                                r
+                                Box::new(r)
                             }),
                         })
                     }
@@ -601,6 +602,20 @@ impl Body {
     }
 }
 
+impl Drop for Body {
+    /// A body read to its last byte but not polled to its end (hyper's
+    /// server stops at a known length, the pass-through's case) has still
+    /// left its HTTP/1.1 connection idle: give it back. Without this, every
+    /// such request opened a new connection.
+    fn drop(&mut self) {
+        if hyper::body::Body::is_end_stream(&self.inner) {
+            if let Some(Lease::H1 { pool, tx }) = self.lease.take() {
+                pool.checkin(tx);
+            }
+        }
+    }
+}
+
 impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -705,6 +720,17 @@ mod tests {
         drop(response);
         assert_eq!(pool.inner.idle_connections(), 2);
         assert_eq!(sim.stats().requests, 9);
+
+        // A body read to its last byte (a known length) but dropped before
+        // its end is polled, as hyper's server does, gives its connection back.
+        let response = pool.send(chat(&sim, false)).await.unwrap();
+        assert_eq!(pool.inner.idle_connections(), 1);
+        let mut body = response.into_body();
+        while !hyper::body::Body::is_end_stream(&body) {
+            body.frame().await.expect("a frame").unwrap();
+        }
+        drop(body);
+        assert_eq!(pool.inner.idle_connections(), 2);
     }
 
     #[tokio::test]
