@@ -21,6 +21,7 @@
 //! reset, a first-byte timeout or a 502/503/504; for any other method only
 //! when the connection could not be made, so nothing was sent.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -56,7 +57,8 @@ pub async fn handle(state: AppState, req: http::Request<axum::body::Body>) -> Re
     let runtime = state.runtime();
     match run(&state, &runtime, req, &mut record, started).await {
         Ok((status, headers, body, upstream)) => {
-            let body = Download::new(body, &upstream, status, record);
+            let deadline = started + upstream.config.request_timeout;
+            let body = Download::new(body, &upstream, status, deadline, record);
             let mut response = Response::new(axum::body::Body::new(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
@@ -250,7 +252,7 @@ async fn run(
                 }
                 match unsent {
                     // Nothing was written: safe to send again, any method.
-                    Some(request) => body = Again(Some(request.into_body())),
+                    Some(request) => body = Again(Some(request.into_body()), upload.clone()),
                     None if idempotent && body.again() => {}
                     None => return Err(error),
                 }
@@ -307,8 +309,9 @@ enum PassBody {
     Whole(Bytes),
     /// The client's body, streamed: sent once.
     Streamed(Option<axum::body::Body>),
-    /// The body of a request handed back unsent (no connection was made).
-    Again(Option<OutBody>),
+    /// The body of a request handed back unsent (no connection was made),
+    /// and the watch on it if it is the client's upload.
+    Again(Option<OutBody>, Option<Arc<Upload>>),
 }
 
 impl PassBody {
@@ -335,7 +338,10 @@ impl PassBody {
                 }
                 None => (OutBody::from(Bytes::new()), None),
             },
-            Again(body) => (body.take().unwrap_or_else(|| OutBody::from(Bytes::new())), None),
+            Again(body, upload) => (
+                body.take().unwrap_or_else(|| OutBody::from(Bytes::new())),
+                upload.clone(),
+            ),
         }
     }
 }
@@ -346,7 +352,7 @@ enum Exchange {
         error: GatewayError,
         error_type: ErrorType,
         /// The request, when none of it was written.
-        unsent: Option<http::Request<OutBody>>,
+        unsent: Option<Box<http::Request<OutBody>>>,
     },
 }
 
@@ -507,7 +513,8 @@ impl hyper::body::Body for UploadBody {
 }
 
 /// The upstream's answer on its way to the client: each chunk within the
-/// upstream's `idle_timeout` of the last, all of it by `request_timeout`.
+/// upstream's `idle_timeout` of the last, all of it within `request_timeout`
+/// of the request's start.
 /// It holds the request's record, written at the end: complete, broken
 /// (the client's connection is cut, as a proxy must for a body it cannot
 /// finish), or abandoned by the client (`Drop`, 499).
@@ -521,11 +528,17 @@ struct Download {
 }
 
 impl Download {
-    fn new(body: crate::upstream::Body, upstream: &Upstream, status: StatusCode, record: RequestRecord) -> Self {
+    fn new(
+        body: crate::upstream::Body,
+        upstream: &Upstream,
+        status: StatusCode,
+        deadline: Instant,
+        record: RequestRecord,
+    ) -> Self {
         Self {
             body,
             idle: crate::net::Stall::new(upstream.config.idle_timeout),
-            deadline: Box::pin(tokio::time::sleep(upstream.config.request_timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
             status,
             record: Some(record),
             upstream: upstream.name.clone(),
@@ -608,5 +621,3 @@ impl hyper::body::Body for Download {
         self.body.size_hint()
     }
 }
-
-use std::future::Future as _;
