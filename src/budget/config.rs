@@ -248,8 +248,8 @@ fn validate_budget(path: &str, raw: RawBudget) -> Result<Budget, String> {
         None => Zone::UTC,
         Some(text) => Zone::parse(text).ok_or_else(|| {
             format!(
-                "{path}.timezone: {text:?} is not UTC or a fixed offset like \"+08:00\" \
-                 (named zones with daylight saving are not supported: see docs/budgets.md)"
+                "{path}.timezone: {text:?} is not a time zone (expected UTC, a fixed offset like \"+08:00\" \
+                 or an IANA name like \"Europe/Paris\")"
             )
         })?,
     };
@@ -359,8 +359,8 @@ mod tests {
             |extra: &str| format!("[[budgets]]\nname = \"b\"\nscope = \"key\"\nusd = 1\nperiod = \"day\"\n{extra}");
         let cases = [
             (
-                one("timezone = \"Europe/Paris\""),
-                "budgets[0].timezone: \"Europe/Paris\" is not UTC or a fixed offset",
+                one("timezone = \"Mars/Olympus\""),
+                "budgets[0].timezone: \"Mars/Olympus\" is not a time zone (expected UTC, a fixed offset",
             ),
             (
                 one("on_exceed = \"shout\""),

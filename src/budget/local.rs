@@ -82,6 +82,18 @@ impl Bucket {
         }
     }
 
+    /// The period holding `now`: on the request path one load and two
+    /// compares, the bounds computed (`bounds`) only when the held period
+    /// has ended, once per bucket and period.
+    pub fn at(&self, now: i64, bounds: impl FnOnce() -> Bounds) -> Arc<PeriodState> {
+        let cur = self.current.load_full();
+        if cur.bounds.contains(now) {
+            return cur;
+        }
+        drop(cur);
+        self.period(bounds())
+    }
+
     /// The held period if it is `bounds`' (for reports: an older one means
     /// nothing was spent in this period yet).
     pub fn peek(&self, bounds: Bounds) -> Option<Arc<PeriodState>> {
@@ -279,5 +291,22 @@ mod tests {
         assert_eq!(p1.spent(), 0);
         assert_eq!(bucket.period(Bounds { start: 0, end: 10 }).bounds.start, 10);
         assert!(bucket.peek(Bounds { start: 20, end: 30 }).is_none());
+    }
+
+    #[test]
+    fn bounds_are_computed_only_when_the_held_period_ends() {
+        let bucket = Bucket::new(Bounds { start: 0, end: 10 });
+        let never = || -> Bounds { panic!("computed within the held period") };
+        assert_eq!(bucket.at(0, never).bounds.start, 0);
+        assert_eq!(bucket.at(9, never).bounds.start, 0);
+        let mut computed = 0;
+        let next = bucket.at(10, || {
+            computed += 1;
+            Bounds { start: 10, end: 23 }
+        });
+        assert_eq!((next.bounds.end, computed), (23, 1));
+        assert_eq!(bucket.at(22, never).bounds.start, 10);
+        // A clock stepped back keeps the newer period (spend never forgotten).
+        assert_eq!(bucket.at(5, || Bounds { start: 0, end: 10 }).bounds.start, 10);
     }
 }

@@ -44,7 +44,7 @@ impl Collector for Gauges {
     fn collect(&self) -> Vec<MetricFamily> {
         let now = self.shared.clock.now();
         for (i, b) in self.shared.budgets.iter().enumerate() {
-            let bounds = b.period.bounds(b.zone, now);
+            let bounds = b.period.bounds(&b.zone, now);
             let (spent, reserved) = self.shared.view.slots[i]
                 .buckets()
                 .into_iter()

@@ -179,7 +179,7 @@ impl Budgets {
         let now = shared.clock.now();
         for (i, b) in shared.budgets.iter().enumerate() {
             if let Some(name) = fixed_bucket(b) {
-                shared.view.slots[i].bucket(name, || b.period.bounds(b.zone, now));
+                shared.view.slots[i].bucket(name, || b.period.bounds(&b.zone, now));
             }
         }
         let redis = match &settings.backend {
@@ -272,17 +272,7 @@ impl Budgets {
         let now = inner.shared.clock.now();
         let Some(redis) = &inner.redis else {
             let view = &inner.shared.view;
-            let held: Vec<Held> = matched
-                .iter()
-                .map(|&(b, bucket)| {
-                    let budget = &inner.shared.budgets[b];
-                    let bounds = budget.period.bounds(budget.zone, now);
-                    Held {
-                        budget: b,
-                        period: view.slots[b].bucket(bucket, || bounds).period(bounds),
-                    }
-                })
-                .collect();
+            let held = inner.held_now(view, &matched, now);
             return match view.reserve(&held, amount) {
                 Ok(()) => Ok(inner.reservation(Part {
                     source: Source::Local,
@@ -294,13 +284,10 @@ impl Budgets {
                 Err(i) => Err(inner.reject(&matched[i], held[i].period.bounds, view, &held[i], amount)),
             };
         };
-        let bounds: Vec<Bounds> = matched
-            .iter()
-            .map(|&(b, _)| {
-                let budget = &inner.shared.budgets[b];
-                budget.period.bounds(budget.zone, now)
-            })
-            .collect();
+        // The mirror's periods name the Redis keys: their bounds are
+        // computed once per period, not per request.
+        let mirror = inner.held_now(&inner.shared.view, &matched, now);
+        let bounds: Vec<Bounds> = mirror.iter().map(|h| h.period.bounds).collect();
         let targets: Vec<Target> = matched
             .iter()
             .zip(&bounds)
@@ -313,7 +300,6 @@ impl Budgets {
                     if redis.health.succeeded() {
                         inner.kick_flush();
                     }
-                    let mirror = held_in(&inner.shared.view, &matched, &bounds);
                     return match reply {
                         Reserved::Admitted(values) => {
                             for (h, (spent, reserved)) in mirror.iter().zip(values) {
@@ -388,8 +374,8 @@ impl Budgets {
         };
         for (b, bucket) in scopes {
             let budget = &inner.shared.budgets[b];
-            let bounds = budget.period.bounds(budget.zone, now);
-            if line.unix < bounds.start || line.unix >= bounds.end {
+            let bounds = budget.period.bounds(&budget.zone, now);
+            if !bounds.contains(line.unix) {
                 continue;
             }
             let period = inner.shared.view.slots[b].bucket(bucket, || bounds).period(bounds);
@@ -411,7 +397,7 @@ impl Budgets {
         let mut out = Vec::new();
         let mut keys = Vec::new();
         for (i, b) in inner.shared.budgets.iter().enumerate() {
-            let bounds = b.period.bounds(b.zone, now);
+            let bounds = b.period.bounds(&b.zone, now);
             let mut names = Vec::new();
             for (name, bucket) in inner.shared.view.slots[i].buckets() {
                 let (spent, reserved) = bucket.peek(bounds).map_or((0, 0), |p| (p.spent(), p.reserved()));
@@ -538,6 +524,21 @@ fn mirror_set(h: &Held, spent: i64, reserved: i64) {
 }
 
 impl Inner {
+    /// The periods holding `now` of the `matched` budgets in `store`.
+    fn held_now(&self, store: &LocalStore, matched: &[(usize, &str)], now: i64) -> Vec<Held> {
+        matched
+            .iter()
+            .map(|&(b, bucket)| {
+                let budget = &self.shared.budgets[b];
+                let bounds = || budget.period.bounds(&budget.zone, now);
+                Held {
+                    budget: b,
+                    period: store.slots[b].bucket(bucket, bounds).at(now, bounds),
+                }
+            })
+            .collect()
+    }
+
     /// The budgets a call meets, with the name of its bucket in each.
     fn matching<'a>(
         &'a self,
@@ -568,7 +569,9 @@ impl Inner {
     fn target(&self, redis: &RedisSide, b: usize, bucket: &str, bounds: Bounds) -> Target {
         let budget = &self.shared.budgets[b];
         Target {
-            key: redis.store.period_key(&budget.name, bucket, &bounds.label(budget.zone)),
+            key: redis
+                .store
+                .period_key(&budget.name, bucket, &bounds.label(&budget.zone)),
             cap: if budget.on_exceed == OnExceed::Reject {
                 budget.micros
             } else {

@@ -608,3 +608,59 @@ async fn usage_by_budget_reconciles_the_ledger_with_the_counters() {
     assert!(table.contains("DIFFERENCE in per-key/app-a"), "{table}");
     assert!(table.contains("-0.010000"), "{table}");
 }
+
+#[tokio::test]
+async fn named_time_zones_align_periods_and_check_refuses_unknown_ones() {
+    let sim = Sim::start("a", Faults::default()).await.unwrap();
+    let budgets = "[[budgets]]\nname = \"paris\"\nscope = \"global\"\nusd = 1\nperiod = \"day\"\ntimezone = \"Europe/Paris\"\n\n\
+                   [[budgets]]\nname = \"ny\"\nscope = \"global\"\nusd = 1\nperiod = \"month\"\ntimezone = \"america/new_york\"\n";
+    let config = exact(config_for(&[("a", &sim)]), budgets);
+    let gw = Gateway::start(&config, &[]).await;
+    assert_eq!(post_chat(&gw, &five_tokens()).await.status(), 200);
+    wait_spent(&gw.url, "paris", "*", 0.01).await;
+    let report = report(&gw.url).await;
+    let unix = |v: &Value| {
+        humantime::parse_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    for (name, zone, utc_hours, lengths) in [
+        // Paris midnight is 22:00 UTC in summer, 23:00 in winter; a day is
+        // 23, 24 or 25 hours.
+        ("paris", "Europe/Paris", [22, 23], 23..=25),
+        // New York's is 04:00 or 05:00 UTC; a month 28 to 31 days, ± 1 hour.
+        ("ny", "America/New_York", [4, 5], 28 * 24 - 1..=31 * 24 + 1),
+    ] {
+        let b = report["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap();
+        assert_eq!(b["timezone"], zone, "the database's spelling: {b}");
+        let (start, end) = (unix(&b["period_start"]), unix(&b["resets_at"]));
+        assert_eq!(start % 3600, 0, "{b}");
+        assert!(utc_hours.contains(&(start.rem_euclid(86_400) / 3600)), "{b}");
+        assert!(lengths.contains(&((end - start) / 3600)), "{b}");
+    }
+
+    // `relaygate check` names the key of a zone that does not exist.
+    let bad = temp_file(
+        "bad-zone.toml",
+        &config.replace("\"america/new_york\"", "\"Mars/Olympus\""),
+    );
+    let out = tokio::process::Command::new(crate::common::process::BIN)
+        .args(["check", "--config", bad.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("budgets[1].timezone: \"Mars/Olympus\" is not a time zone"),
+        "{err}"
+    );
+}
