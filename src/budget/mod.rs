@@ -98,6 +98,8 @@ impl fmt::Debug for Budgets {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// Whether any budget has upstream scope: attempts reserve only then.
+    upstream: bool,
     redis: Option<RedisSide>,
     metrics: Metrics,
 }
@@ -198,7 +200,13 @@ impl Budgets {
                 flushing: AtomicBool::new(false),
             }),
         };
-        let inner = Arc::new(Inner { shared, redis, metrics });
+        let upstream = shared.budgets.iter().any(|b| b.scope == Scope::Upstream);
+        let inner = Arc::new(Inner {
+            shared,
+            upstream,
+            redis,
+            metrics,
+        });
         if let Some(r) = &inner.redis {
             match tokio::time::timeout(r.timeout, r.store.ping()).await {
                 Ok(Ok(())) => tracing::info!("budget: connected to Redis"),
@@ -218,9 +226,10 @@ impl Budgets {
         self.inner.as_ref().map_or(&[], |i| &i.shared.budgets)
     }
 
-    /// Whether any budget has upstream scope (so attempts reserve).
+    /// Whether any budget has upstream scope (so attempts reserve): one
+    /// load, checked per attempt.
     pub fn has_upstream_budgets(&self) -> bool {
-        self.budgets().iter().any(|b| b.scope == Scope::Upstream)
+        self.inner.as_ref().is_some_and(|i| i.upstream)
     }
 
     /// Each budget with the requests it has refused since start.

@@ -46,11 +46,13 @@ where
     }
 
     fn call(&mut self, call: Call) -> BoxFuture {
-        let limiter = call.ctx.limiter.clone();
-        let budgets = call.ctx.budgets.clone();
-        if !limiter.has_rules() && budgets.is_empty() {
+        // Without upstream budgets an attempt neither reserves nor clones
+        // the engine (with key or global budgets too).
+        let budgets = call.ctx.budgets.has_upstream_budgets();
+        if !call.ctx.limiter.has_rules() && !budgets {
             return Box::pin(self.inner.call(call));
         }
+        let limiter = call.ctx.limiter.clone();
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let upstream = call.upstream().index;
@@ -71,19 +73,26 @@ where
             } else {
                 None
             };
-            let budget = match budgets.reserve_upstream(&name, call.ctx.budget_micros).await {
-                Ok(r) => r,
-                Err(rejection) => {
-                    if let Some(a) = admission {
-                        a.reconcile_in_background(0);
+            // Boxed: the reservation's future (Redis included) is large, and
+            // inline it would grow every attempt's future, budgets or not.
+            let budget = if budgets {
+                let reserve = Box::pin(call.ctx.budgets.reserve_upstream(&name, call.ctx.budget_micros));
+                match reserve.await {
+                    Ok(r) => Some(r),
+                    Err(rejection) => {
+                        if let Some(a) = admission {
+                            a.reconcile_in_background(0);
+                        }
+                        return Err(refused(rejection.into()));
                     }
-                    return Err(refused(rejection.into()));
                 }
+            } else {
+                None
             };
             match inner.call(call).await {
                 Ok(mut answer) => {
                     answer.admission = admission;
-                    answer.budget = Some(budget);
+                    answer.budget = budget;
                     Ok(answer)
                 }
                 Err(e) => {
@@ -91,7 +100,9 @@ where
                     if let Some(a) = admission {
                         a.reconcile_in_background(0);
                     }
-                    budget.settle_in_background(0);
+                    if let Some(b) = budget {
+                        b.settle_in_background(0);
+                    }
                     Err(e)
                 }
             }
