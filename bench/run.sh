@@ -12,6 +12,8 @@
 #                           # request for a hit, a miss and the proxy path
 #   bench/run.sh --passthrough # the pass-through (POST /v1/moderations) next
 #                           # to chat: CPU and instructions per request
+#   bench/run.sh --budget   # spend budgets: CPU and instructions per plain
+#                           # request with no budget and with one local one
 #
 # Core 1 runs the proxy under test (nginx or relaygate, `taskset -c 1`);
 # core 0 runs the load generator and the simulated upstream. Everything
@@ -26,18 +28,20 @@ BUILD=1
 AB_OLD=""
 CACHE=0
 PASSTHROUGH=0
+BUDGET=0
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
     --cache) CACHE=1 ;;
     --passthrough) PASSTHROUGH=1 ;;
+    --budget) BUDGET=1 ;;
     --ab)
       AB_OLD="${2:-}"
       [ -x "$AB_OLD" ] || { echo "bench: --ab needs an executable relaygate binary" >&2; exit 2; }
       shift
       ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -60,7 +64,7 @@ BODY='{"model":"deepseek-chat","max_tokens":64,"messages":[{"role":"user","conte
 need() { command -v "$1" >/dev/null || { echo "bench: $1 not found: $2" >&2; exit 1; }; }
 export PATH="$PATH:$HOME/.cargo/bin"
 # --ab measures saturation only (wrk); the full run also needs oha.
-[ -n "$AB_OLD" ] || [ "$CACHE" = 1 ] || [ "$PASSTHROUGH" = 1 ] || need oha "cargo install oha --locked"
+[ -n "$AB_OLD" ] || [ "$CACHE" = 1 ] || [ "$PASSTHROUGH" = 1 ] || [ "$BUDGET" = 1 ] || need oha "cargo install oha --locked"
 need wrk "apt-get install wrk"
 need nginx "apt-get install nginx"
 need taskset "apt-get install util-linux"
@@ -258,11 +262,12 @@ requests_per_minute = 100000000
 EOF
 }
 
-start_relaygate() { # [BINARY] -> RELAYGATE_ADDR, RELAYGATE_PID; RELAYGATE_WRAP: a command to run it under
+start_relaygate() { # [BINARY] -> RELAYGATE_ADDR, RELAYGATE_PID; RELAYGATE_WRAP: a command to run it under,
+  # RELAYGATE_TOML: another config file
   # Removed first: the shell truncates it in the child, after this script
   # may already have read the previous run's address from it.
   rm -f "$TMP/relaygate.out"
-  taskset -c "$PROXY_CORE" ${RELAYGATE_WRAP:-} "${1:-$BIN/relaygate}" serve --config "$TMP/relaygate.toml" --listen 127.0.0.1:0 \
+  taskset -c "$PROXY_CORE" ${RELAYGATE_WRAP:-} "${1:-$BIN/relaygate}" serve --config "${RELAYGATE_TOML:-$TMP/relaygate.toml}" --listen 127.0.0.1:0 \
     </dev/null >"$TMP/relaygate.out" 2>>"$TMP/relaygate.log" &
   RELAYGATE_PID=$!
   PIDS+=("$RELAYGATE_PID")
@@ -474,6 +479,54 @@ print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",
       for path in chat moderations; do
         n="$(instructions_per_request "$BIN/relaygate" "$TMP/$path.lua" "$TMP/callgrind-$path-$round.out")"
         echo "| $round | $path | $n |"
+      done
+    done
+  fi
+  exit 0
+fi
+
+if [ "$BUDGET" = 1 ]; then
+  # Spend budgets (issue 17), this build only: the same plain requests with
+  # no [[budgets]] and with one local budget on the bench key, large enough
+  # never to refuse, so every request is estimated, priced, reserved and
+  # settled. The config's RPM rule counts no tokens: the budget's token
+  # estimate is its own.
+  cp "$TMP/relaygate.toml" "$TMP/relaygate-budget.toml"
+  cat >>"$TMP/relaygate-budget.toml" <<'TOML'
+
+[[budgets]]
+name = "bench-monthly"
+scope = "key"
+match = "bench"
+usd = 1000000000
+period = "month"
+TOML
+  toml_of() { if [ "$1" = none ]; then echo "$TMP/relaygate.toml"; else echo "$TMP/relaygate-budget.toml"; fi; }
+  echo "relaygate spend budgets, $(date -u +%Y-%m-%dT%H:%M:%SZ): wrk -t1 -c$WRK_CONNS for $SAT_FOR, proxy on core $PROXY_CORE"
+  echo
+  echo "| round | budgets | req/s | proxy CPU per request, µs |"
+  echo "|---|---|---|---|"
+  for round in 1 2 3 4 5; do
+    for which in none one; do
+      RELAYGATE_TOML="$(toml_of "$which")" start_relaygate
+      url="http://$RELAYGATE_ADDR/v1/chat/completions"
+      load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/post.lua" "$url" >/dev/null
+      python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+assert d["errors"] == 0, d
+print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",.0f"), d["proxy_cpu_s"] / d["requests"] * 1e6))' \
+        "$(saturate "$url" "$RELAYGATE_PID")" "$round" "$which"
+      stop "$RELAYGATE_PID"
+    done
+  done
+  if command -v callgrind_control >/dev/null; then
+    echo
+    echo "| round | budgets | user-space instructions per plain request (callgrind) |"
+    echo "|---|---|---|"
+    for round in 1 2 3; do
+      for which in none one; do
+        n="$(RELAYGATE_TOML="$(toml_of "$which")" instructions_per_request "$BIN/relaygate" "$TMP/post.lua" \
+          "$TMP/callgrind-budget-$which-$round.out")"
+        echo "| $round | $which | $n |"
       done
     done
   fi
