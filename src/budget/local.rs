@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use super::config::{Budget, OnExceed};
+use super::fixed_bucket;
 use super::period::Bounds;
 
 pub(crate) struct PeriodState {
@@ -106,6 +107,11 @@ impl Bucket {
 pub(crate) struct Slot {
     pub cap: i64,
     pub enforce: bool,
+    /// `warn_at` in micro-dollars, computed once.
+    pub thresholds: Box<[i64]>,
+    /// The one bucket of a budget with `match` (or a global one), found
+    /// without hashing its name; also in `buckets`.
+    fixed: Option<(Box<str>, Arc<Bucket>)>,
     /// Name → bucket. Read without a lock; a name not seen before (a new
     /// key after a reload) is added under `grow`, copy-on-write.
     buckets: ArcSwap<HashMap<Box<str>, Arc<Bucket>>>,
@@ -114,6 +120,11 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub fn bucket(&self, name: &str, bounds: impl FnOnce() -> Bounds) -> Arc<Bucket> {
+        if let Some((fixed, b)) = &self.fixed {
+            if **fixed == *name {
+                return b.clone();
+            }
+        }
         if let Some(b) = self.buckets.load().get(name) {
             return b.clone();
         }
@@ -159,11 +170,25 @@ impl LocalStore {
         LocalStore {
             slots: budgets
                 .iter()
-                .map(|b| Slot {
-                    cap: b.micros / i64::from(divide.max(1)),
-                    enforce: b.on_exceed == OnExceed::Reject,
-                    buckets: ArcSwap::from_pointee(HashMap::new()),
-                    grow: Mutex::new(()),
+                .map(|b| {
+                    // Its first period starts with the first request (no
+                    // instant is in an empty range).
+                    let fixed = fixed_bucket(b).map(|name| {
+                        let empty = Bounds {
+                            start: i64::MIN,
+                            end: i64::MIN,
+                        };
+                        (Box::from(name), Arc::new(Bucket::new(empty)))
+                    });
+                    let buckets: HashMap<Box<str>, Arc<Bucket>> = fixed.iter().cloned().collect();
+                    Slot {
+                        cap: b.micros / i64::from(divide.max(1)),
+                        enforce: b.on_exceed == OnExceed::Reject,
+                        thresholds: b.thresholds().collect(),
+                        fixed,
+                        buckets: ArcSwap::from_pointee(buckets),
+                        grow: Mutex::new(()),
+                    }
                 })
                 .collect(),
         }
@@ -206,11 +231,11 @@ impl LocalStore {
     }
 }
 
-/// The thresholds of `budget` that `spent` has reached and `crossed` did
-/// not hold yet; marks them. Bit i is `warn_at[i]`.
-pub(crate) fn cross(budget: &Budget, crossed: &AtomicU32, spent: i64) -> u32 {
+/// The `thresholds` (a budget's, in micro-dollars) that `spent` has
+/// reached and `crossed` did not hold yet; marks them. Bit i is `warn_at[i]`.
+pub(crate) fn cross(thresholds: &[i64], crossed: &AtomicU32, spent: i64) -> u32 {
     let mut reached = 0u32;
-    for (i, t) in budget.thresholds().enumerate() {
+    for (i, &t) in thresholds.iter().enumerate() {
         if spent >= t {
             reached |= 1 << i;
         }
@@ -273,7 +298,7 @@ mod tests {
 
     #[test]
     fn thresholds_cross_once() {
-        let b = budget(1000, OnExceed::Warn);
+        let b: Vec<i64> = budget(1000, OnExceed::Warn).thresholds().collect();
         let crossed = AtomicU32::new(0);
         assert_eq!(cross(&b, &crossed, 499), 0);
         assert_eq!(cross(&b, &crossed, 500), 0b01);

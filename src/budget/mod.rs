@@ -177,11 +177,13 @@ impl Budgets {
         });
         let metrics = Metrics::register(registry, &shared)?;
         // Budgets with `match` (and global ones) exist before any request,
-        // so that `/admin/budgets` shows them from the start.
+        // so that `/admin/budgets` shows them from the start (the store made
+        // their buckets): here they enter their current period.
         let now = shared.clock.now();
         for (i, b) in shared.budgets.iter().enumerate() {
             if let Some(name) = fixed_bucket(b) {
-                shared.view.slots[i].bucket(name, || b.period.bounds(&b.zone, now));
+                let bounds = || b.period.bounds(&b.zone, now);
+                shared.view.slots[i].bucket(name, bounds).at(now, bounds);
             }
         }
         let redis = match &settings.backend {
@@ -273,15 +275,18 @@ impl Budgets {
         let Some(inner) = &self.inner else {
             return Ok(Reservation::none());
         };
-        let matched = inner.matching(phase, key, model, upstream);
-        if matched.is_empty() {
+        let mut matching = inner.matching(phase, key, model, upstream).peekable();
+        if matching.peek().is_none() {
             return Ok(Reservation::none());
         }
         let amount = micros.max(0);
         let now = inner.shared.clock.now();
         let Some(redis) = &inner.redis else {
+            // Local: the matches go straight into the held periods.
             let view = &inner.shared.view;
-            let held = inner.held_now(view, &matched, now);
+            let held: Vec<Held> = matching
+                .map(|(b, bucket)| inner.held_at(view, b, bucket, now))
+                .collect();
             return match view.reserve(&held, amount) {
                 Ok(()) => Ok(inner.reservation(Part {
                     source: Source::Local,
@@ -290,9 +295,16 @@ impl Budgets {
                     held,
                     targets: Vec::new(),
                 })),
-                Err(i) => Err(inner.reject(&matched[i], held[i].period.bounds, view, &held[i], amount)),
+                Err(i) => {
+                    let m = inner
+                        .matching(phase, key, model, upstream)
+                        .nth(i)
+                        .unwrap_or((held[i].budget, ""));
+                    Err(inner.reject(&m, held[i].period.bounds, view, &held[i], amount))
+                }
             };
         };
+        let matched: Vec<(usize, &str)> = matching.collect();
         // The mirror's periods name the Redis keys: their bounds are
         // computed once per period, not per request.
         let mirror = inner.held_now(&inner.shared.view, &matched, now);
@@ -375,9 +387,9 @@ impl Budgets {
         }
         let now = inner.shared.clock.now();
         let scopes = if line.shadow {
-            inner.matching(Phase::Shadow, "", "", line.upstream)
+            inner.matching(Phase::Shadow, "", "", line.upstream).collect()
         } else {
-            let mut m = inner.matching(Phase::Request, line.key, line.model, None);
+            let mut m: Vec<_> = inner.matching(Phase::Request, line.key, line.model, None).collect();
             m.extend(inner.matching(Phase::Upstream, "", "", line.upstream));
             m
         };
@@ -390,7 +402,7 @@ impl Budgets {
             let period = inner.shared.view.slots[b].bucket(bucket, || bounds).period(bounds);
             period.used.fetch_add(line.micros, Ordering::AcqRel);
             let spent = period.spent.fetch_add(line.micros, Ordering::AcqRel) + line.micros;
-            cross(budget, &period.crossed, spent);
+            cross(&inner.shared.view.slots[b].thresholds, &period.crossed, spent);
         }
     }
 
@@ -508,7 +520,7 @@ fn usd(micros: i64) -> f64 {
 }
 
 /// The one bucket of a budget with `match`, or of a global one.
-fn fixed_bucket(b: &Budget) -> Option<&str> {
+pub(crate) fn fixed_bucket(b: &Budget) -> Option<&str> {
     match (&b.matches, b.scope) {
         (Some(m), _) => Some(m),
         (None, Scope::Global) => Some("*"),
@@ -537,42 +549,39 @@ impl Inner {
     fn held_now(&self, store: &LocalStore, matched: &[(usize, &str)], now: i64) -> Vec<Held> {
         matched
             .iter()
-            .map(|&(b, bucket)| {
-                let budget = &self.shared.budgets[b];
-                let bounds = || budget.period.bounds(&budget.zone, now);
-                Held {
-                    budget: b,
-                    period: store.slots[b].bucket(bucket, bounds).at(now, bounds),
-                }
-            })
+            .map(|&(b, bucket)| self.held_at(store, b, bucket, now))
             .collect()
     }
 
-    /// The budgets a call meets, with the name of its bucket in each.
+    /// The period holding `now` of budget `b`'s `bucket` in `store`.
+    fn held_at(&self, store: &LocalStore, b: usize, bucket: &str, now: i64) -> Held {
+        let budget = &self.shared.budgets[b];
+        let bounds = || budget.period.bounds(&budget.zone, now);
+        Held {
+            budget: b,
+            period: store.slots[b].bucket(bucket, bounds).at(now, bounds),
+        }
+    }
+
+    /// The budgets a call meets, with the name of its bucket in each, in
+    /// budget order.
     fn matching<'a>(
         &'a self,
         phase: Phase,
         key: &'a str,
         model: &'a str,
         upstream: Option<&'a str>,
-    ) -> Vec<(usize, &'a str)> {
-        let mut out = Vec::with_capacity(self.shared.budgets.len());
-        for (i, b) in self.shared.budgets.iter().enumerate() {
+    ) -> impl Iterator<Item = (usize, &'a str)> + 'a {
+        self.shared.budgets.iter().enumerate().filter_map(move |(i, b)| {
             let name = match (phase, b.scope) {
                 (Phase::Request, Scope::Key) => key,
                 (Phase::Request, Scope::Model) => model,
                 (Phase::Request | Phase::Shadow, Scope::Global) => "*",
-                (Phase::Upstream | Phase::Shadow, Scope::Upstream) => match upstream {
-                    Some(u) => u,
-                    None => continue,
-                },
-                _ => continue,
+                (Phase::Upstream | Phase::Shadow, Scope::Upstream) => upstream?,
+                _ => return None,
             };
-            if b.matches.as_deref().is_none_or(|m| m == name) {
-                out.push((i, name));
-            }
-        }
-        out
+            b.matches.as_deref().is_none_or(|m| m == name).then_some((i, name))
+        })
     }
 
     fn target(&self, redis: &RedisSide, b: usize, bucket: &str, bounds: Bounds) -> Target {
@@ -720,7 +729,11 @@ impl Inner {
         for part in parts.iter().filter(|p| p.source == Source::Local) {
             LocalStore::settle(&part.held, part.amount, cost);
             for h in &part.held {
-                let bits = cross(&self.shared.budgets[h.budget], &h.period.crossed, h.period.spent());
+                let bits = cross(
+                    &self.shared.view.slots[h.budget].thresholds,
+                    &h.period.crossed,
+                    h.period.spent(),
+                );
                 self.count_crossed(h.budget, bits);
             }
         }
