@@ -217,33 +217,38 @@ fn limiter(c: &mut Criterion) {
 /// What one local budget adds to a request (issue 17: at most 1 µs): the
 /// estimate split into prompt and completion, priced into micro-dollars,
 /// the lock-free reservation, and the settle at the real cost. A budget per
-/// key without `match` (a name lookup) and a `warn_at` check included.
+/// key without `match` (a name lookup) and a `warn_at` check included;
+/// `_match_paris`: one key's budget (`match`, no lookup by name) in a named
+/// zone.
 fn budget(c: &mut Criterion) {
-    let raw = relaygate::budget::RawBudget {
-        name: "per-key".into(),
-        scope: "key".into(),
-        r#match: None,
-        usd: 1e9,
-        period: "month".into(),
-        timezone: None,
-        on_exceed: None,
-        warn_at: None,
-    };
-    let (settings, budgets) =
-        relaygate::budget::validate(None, vec![raw], &ratelimit::RateLimitSettings::default()).expect("valid budget");
-    let registry = prometheus::Registry::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let engine = rt
-        .block_on(relaygate::budget::Budgets::new(
+    let engine = |matches: Option<&str>, timezone: Option<&str>| {
+        let raw = relaygate::budget::RawBudget {
+            name: "per-key".into(),
+            scope: "key".into(),
+            r#match: matches.map(Into::into),
+            usd: 1e9,
+            period: "month".into(),
+            timezone: timezone.map(Into::into),
+            on_exceed: None,
+            warn_at: None,
+        };
+        let (settings, budgets) =
+            relaygate::budget::validate(None, vec![raw], &ratelimit::RateLimitSettings::default())
+                .expect("valid budget");
+        rt.block_on(relaygate::budget::Budgets::new(
             settings,
             budgets,
-            &registry,
+            &prometheus::Registry::new(),
             Box::new(relaygate::budget::SystemClock),
         ))
-        .expect("budgets");
+        .expect("budgets")
+    };
+    let per_key = engine(None, None);
+    let paris = engine(Some("app-a"), Some("Europe/Paris"));
     let price = relaygate::config::Price {
         input_per_mtok: 0.28,
         output_per_mtok: 0.42,
@@ -257,20 +262,22 @@ fn budget(c: &mut Criterion) {
         reasoning: 0,
     };
     let mut g = c.benchmark_group("budget");
-    g.bench_function("reserve_settle", |b| {
-        b.iter(|| {
-            let r = engine
-                .reserve_request(black_box("app-a"), black_box("deepseek-chat"), black_box(420))
-                .now_or_never()
-                .expect("a local reservation does not wait")
-                .expect("admitted");
-            r.settle_in_background(used.cost_micros(&price));
-        })
-    });
+    for (name, engine) in [("reserve_settle", &per_key), ("reserve_settle_match_paris", &paris)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let r = engine
+                    .reserve_request(black_box("app-a"), black_box("deepseek-chat"), black_box(420))
+                    .now_or_never()
+                    .expect("a local reservation does not wait")
+                    .expect("admitted");
+                r.settle_in_background(used.cost_micros(&price));
+            })
+        });
+    }
     g.bench_function("estimate_price_reserve_settle", |b| {
         b.iter(|| {
             let micros = usage::worst_case_micros(Some(&price), ratelimit::estimate(black_box(&body), 1024));
-            let r = engine
+            let r = per_key
                 .reserve_request(black_box("app-a"), black_box("deepseek-chat"), micros)
                 .now_or_never()
                 .expect("a local reservation does not wait")
