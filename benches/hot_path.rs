@@ -380,7 +380,8 @@ fn sized_request(bytes: usize) -> Vec<u8> {
 /// The response cache's cost per request: the key (parse into a value,
 /// canonical JSON, SHA-256) on every request of a cache-enabled model,
 /// beside the request parse every request pays, and a raw SHA-256 of the
-/// same bytes; and a hit's whole lookup.
+/// same bytes; a hit's whole lookup; and a miss's, with the store of its
+/// answer.
 fn cache(c: &mut Criterion) {
     use relaygate::cache::{self, Cache, Entry};
     use relaygate::config::{CacheBackend, CacheConfig, CacheScope, CacheWhen, ModelCache};
@@ -436,6 +437,61 @@ fn cache(c: &mut Criterion) {
                 let plan = store.plan(black_box(&request));
                 let found: Option<std::sync::Arc<Entry>> = rt.block_on(store.get(&plan));
                 found.expect("a hit")
+            })
+        });
+    }
+    // A miss at 0 % hits: the plan (key), the lookup that misses and leads
+    // the single flight, and the store of a fresh answer (600 bytes, copied
+    // as an upstream's would be). A counter in the body makes every request
+    // new. Its own cache, held at 4 MiB: full within the warm-up, so every
+    // store also evicts, the steady state of a busy cache (and the `hit`
+    // lookups above keep a small table).
+    let config = CacheConfig {
+        backend: CacheBackend::Memory { max_bytes: 4 << 20 },
+        ..config
+    };
+    let misses = Cache::new(&config, &prometheus::Registry::new()).expect("cache");
+    let mut json = http::HeaderMap::new();
+    json.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let answer = vec![b'x'; 600];
+    for (name, size) in [("1KiB", 1024), ("64KiB", 64 * 1024)] {
+        let mut body = sized_request(size);
+        let at = body.windows(9).position(|w| w == b"Summarise").expect("the question");
+        let mut n: u64 = 0;
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(format!("miss_store/{name}"), |b| {
+            b.iter(|| {
+                n += 1;
+                for (i, byte) in body[at..at + 9].iter_mut().enumerate() {
+                    *byte = b'a' + ((n >> (4 * i)) & 0xf) as u8;
+                }
+                let mut plan = misses.plan(&cache::Request {
+                    policy: &policy,
+                    client: "app-a",
+                    endpoint: "/chat/completions",
+                    model: &model,
+                    targets: &[("holysheep", "deepseek-v3.2")],
+                    stream: false,
+                    embeddings: false,
+                    headers: &headers,
+                    body: black_box(&body),
+                });
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                let found = misses
+                    .lookup(&mut plan, false, deadline)
+                    .now_or_never()
+                    .expect("a memory miss does not wait");
+                assert!(matches!(found, Ok(None)), "a miss");
+                let entry = cache::plain_entry(
+                    http::StatusCode::OK,
+                    &json,
+                    bytes::Bytes::copy_from_slice(&answer),
+                    None,
+                );
+                misses.store(&mut plan, entry);
             })
         });
     }
