@@ -125,7 +125,7 @@ impl Cache {
     pub fn new(config: &CacheConfig, registry: &prometheus::Registry) -> Result<Arc<Self>, String> {
         let (backend, size): (Backend, Option<metrics::SizeFn>) = match &config.backend {
             CacheBackend::Memory { max_bytes } => {
-                let memory = Memory::new(*max_bytes);
+                let memory = Memory::new(*max_bytes, config.max_entry_bytes);
                 let for_metrics = memory.clone();
                 (Backend::Memory(memory), Some(Box::new(move || for_metrics.size())))
             }
