@@ -42,17 +42,29 @@ pub(super) async fn look_up(
         return Ok(Lookup::Off);
     };
     let route = &model.route;
-    let targets: Vec<(&str, &str)> = route
-        .targets
-        .iter()
-        .map(|t| (&*t.upstream.name, t.model.as_str()))
-        .collect();
+    // The key's targets, on the stack for up to 8 (no allocation per
+    // request).
+    let mut inline = [("", ""); 8];
+    let spilled: Vec<(&str, &str)>;
+    let targets: &[(&str, &str)] = if route.targets.len() <= inline.len() {
+        for (slot, t) in inline.iter_mut().zip(&route.targets) {
+            *slot = (&*t.upstream.name, t.model.as_str());
+        }
+        &inline[..route.targets.len()]
+    } else {
+        spilled = route
+            .targets
+            .iter()
+            .map(|t| (&*t.upstream.name, t.model.as_str()))
+            .collect();
+        &spilled
+    };
     let mut plan = cache.plan(&cache::Request {
         policy,
         client: key,
         endpoint: endpoint.upstream_path(),
         model: &route.label,
-        targets: &targets,
+        targets,
         stream: parsed.stream,
         embeddings: endpoint == Endpoint::Embeddings,
         headers,
