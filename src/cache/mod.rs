@@ -279,16 +279,26 @@ impl Cache {
             return;
         }
         plan.settled = true;
-        let Some(entry) = entry else {
+        let Some(mut entry) = entry else {
             self.metrics.count(&plan.model, CacheResult::NotStored);
             plan.leader = None; // waiters look again, and one leads
             return;
         };
+        let fits = entry.weight() <= self.max_entry_bytes;
+        if fits && matches!(self.backend, Backend::Memory(_)) {
+            // A plain answer's body is a slice of the upstream connection's
+            // read buffer (hyper's, 8 KiB or more); a stream's, of a buffer
+            // grown by doubling. Held in the cache, either would pin the
+            // whole buffer, and hyper would allocate a new one for the next
+            // answer: new memory on every miss. A copy of its own size
+            // holds what the entry weighs.
+            entry.body = Bytes::copy_from_slice(&entry.body);
+        }
         let entry = Arc::new(entry);
         if let Some(leader) = plan.leader.take() {
             leader.complete(entry.clone());
         }
-        if entry.weight() > self.max_entry_bytes {
+        if !fits {
             self.metrics.count(&plan.model, CacheResult::NotStored);
             return;
         }
@@ -516,6 +526,51 @@ mod tests {
         assert_eq!(cache_control(&headers("max-age=30, private")), (false, false, Some(30)));
         assert_eq!(cache_control(&headers("max-age=\"5\"")), (false, false, Some(5)));
         assert_eq!(cache_control(&headers("max-age=soon")), (false, false, None));
+    }
+
+    /// The memory backend keeps a copy of the body, not the buffer the
+    /// answer was read into (which, from hyper, is a slice of a larger one).
+    #[test]
+    fn a_stored_body_is_a_copy_of_its_own() {
+        use futures_util::FutureExt;
+        let config = CacheConfig {
+            backend: CacheBackend::Memory { max_bytes: 1 << 20 },
+            max_entry_bytes: 1 << 16,
+            ttl: Duration::from_secs(60),
+            scope: CacheScope::Key,
+        };
+        let cache = Cache::new(&config, &prometheus::Registry::new()).unwrap();
+        let policy = ModelCache {
+            ttl: Duration::from_secs(60),
+            when: CacheWhen::Always,
+        };
+        let model: Arc<str> = Arc::from("m");
+        let request = Request {
+            policy: &policy,
+            client: "app",
+            endpoint: "/chat/completions",
+            model: &model,
+            targets: &[("up", "m-up")],
+            stream: false,
+            embeddings: false,
+            headers: &HeaderMap::new(),
+            body: br#"{"messages":[]}"#,
+        };
+        let read_buffer = Bytes::from(vec![b'x'; 8192]);
+        let body = read_buffer.slice(..100);
+        let mut plan = cache.plan(&request);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let found = cache.lookup(&mut plan, false, deadline).now_or_never().unwrap();
+        assert!(matches!(found, Ok(None)), "a miss");
+        let entry = plain_entry(http::StatusCode::OK, &HeaderMap::new(), body.clone(), None);
+        cache.store(&mut plan, entry);
+        let stored = cache.get(&cache.plan(&request)).now_or_never().unwrap().expect("a hit");
+        assert_eq!(stored.body, body);
+        let within = read_buffer.as_ptr_range();
+        assert!(
+            !within.contains(&stored.body.as_ptr()),
+            "not a slice of the read buffer"
+        );
     }
 
     #[test]
