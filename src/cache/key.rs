@@ -18,7 +18,9 @@
 //! through a `serde_json::Value`: building the tree (a `String` per string,
 //! a map per object) cost four times the hash (criterion `cache/key`).
 //! Strings without an escape, nearly all of them, are copied as they are,
-//! which is already serde_json's escaping of them.
+//! which is already serde_json's escaping of them. An object whose members
+//! are in order already stays where it was written; one that is not is
+//! copied once in order (and the whole body's, swapped in, not copied back).
 
 use std::ops::Range;
 
@@ -79,6 +81,7 @@ pub fn canonical(body: &[u8]) -> Option<Canonical> {
         pos: 0,
         out: Vec::with_capacity(body.len()),
         scratch: Vec::new(),
+        members: Vec::new(),
         temperature_zero: false,
         seed: false,
     };
@@ -121,6 +124,9 @@ struct Writer<'a> {
     out: Vec<u8>,
     /// Where an object's members are put in order before going back.
     scratch: Vec<u8>,
+    /// (key, whole member) as ranges of `out`, for the objects being
+    /// written: one stack rather than a `Vec` per object.
+    members: Vec<(Range<usize>, Range<usize>)>,
     temperature_zero: bool,
     seed: bool,
 }
@@ -184,25 +190,31 @@ impl Writer<'_> {
         }
     }
 
-    /// Members are written where they stand, then put in order by their
-    /// canonical key (a deterministic, one-to-one function of the key, so
-    /// as good an order as the decoded one) if they are not in it already.
-    /// Duplicate keys are all kept, in their order: a body with one is not
-    /// equal to a body without it.
+    /// Members are written where they stand, commas between, then put in
+    /// order by their canonical key (a deterministic, one-to-one function
+    /// of the key, so as good an order as the decoded one) if they are not
+    /// in it already. Duplicate keys are all kept, in their order: a body
+    /// with one is not equal to a body without it.
     fn object(&mut self, depth: usize) -> Option<()> {
         self.pos += 1;
         let start = self.out.len();
         self.out.push(b'{');
-        // (key, whole member) as ranges of `out`.
-        let mut members: Vec<(Range<usize>, Range<usize>)> = Vec::new();
         if self.peek()? == b'}' {
             self.pos += 1;
             self.out.push(b'}');
             return Some(());
         }
+        // This object's members are `members[first..]`; a nested object's
+        // go above them and are gone when it returns.
+        let first = self.members.len();
+        let mut sorted = true;
         loop {
             if self.peek()? != b'"' {
                 return None;
+            }
+            let undo = self.out.len();
+            if self.members.len() > first {
+                self.out.push(b',');
             }
             let member_start = self.out.len();
             self.string()?;
@@ -215,9 +227,12 @@ impl Writer<'_> {
             let value_start = self.out.len();
             self.value(depth + 1)?;
             if depth == 0 && !self.top_level_member(key.clone(), value_start) {
-                self.out.truncate(member_start);
+                self.out.truncate(undo);
             } else {
-                members.push((key, member_start..self.out.len()));
+                if let Some((last, _)) = self.members[first..].last() {
+                    sorted &= self.out[last.clone()] <= self.out[key.clone()];
+                }
+                self.members.push((key, member_start..self.out.len()));
             }
             match self.peek()? {
                 b',' => self.pos += 1,
@@ -228,23 +243,31 @@ impl Writer<'_> {
                 _ => return None,
             }
         }
-        let sorted = members
-            .windows(2)
-            .all(|w| self.out[w[0].0.clone()] <= self.out[w[1].0.clone()]);
-        let out = &self.out;
-        if !sorted {
-            members.sort_by(|a, b| out[a.0.clone()].cmp(&out[b.0.clone()]));
-        }
-        self.scratch.clear();
-        for (i, (_, member)) in members.iter().enumerate() {
-            if i > 0 {
-                self.scratch.push(b',');
+        if sorted {
+            // Already canonical where it stands: no copy.
+            self.out.push(b'}');
+        } else {
+            let out = &self.out;
+            self.members[first..].sort_by(|a, b| out[a.0.clone()].cmp(&out[b.0.clone()]));
+            self.scratch.clear();
+            self.scratch.reserve(self.out.len() - start + 1);
+            self.scratch.push(b'{');
+            for (i, (_, member)) in self.members[first..].iter().enumerate() {
+                if i > 0 {
+                    self.scratch.push(b',');
+                }
+                self.scratch.extend_from_slice(&self.out[member.clone()]);
             }
-            self.scratch.extend_from_slice(&self.out[member.clone()]);
+            self.scratch.push(b'}');
+            if start == 0 {
+                // The whole body: take the sorted copy rather than copy it back.
+                std::mem::swap(&mut self.out, &mut self.scratch);
+            } else {
+                self.out.truncate(start);
+                self.out.extend_from_slice(&self.scratch);
+            }
         }
-        self.out.truncate(start + 1);
-        self.out.extend_from_slice(&self.scratch);
-        self.out.push(b'}');
+        self.members.truncate(first);
         Some(())
     }
 
@@ -415,6 +438,14 @@ mod tests {
             canon(r#" {"b":[1.0, 2.5, -0.0, 1e2, -0, 12, 1.5e300],"a":{"z":null,"y":"\u0041\n"},"user":"x"} "#),
             r#"{"a":{"y":"A\n","z":null},"b":[1,2.5,0,100,0,12,1.5e+300]}"#
         );
+        // Left-out members first, between and last; objects in order and
+        // not, at the top and inside.
+        assert_eq!(
+            canon(r#"{"user":"u","b":[{"y":1,"x":{"q":2,"p":1}},{"m":1,"n":2}],"stream_options":{},"a":1,"user":"v"}"#),
+            r#"{"a":1,"b":[{"x":{"p":1,"q":2},"y":1},{"m":1,"n":2}]}"#
+        );
+        assert_eq!(canon(r#"{"user":"u"}"#), "{}");
+        assert_eq!(canon(r#"{"a":{"c":1,"b":2},"b":0}"#), r#"{"a":{"b":2,"c":1},"b":0}"#);
         assert_eq!(canon("[]"), "[]");
         assert_eq!(canon("{ }"), "{}");
         assert_eq!(canon(r#""a\"b""#), r#""a\"b""#);
