@@ -10,6 +10,7 @@
 #                           # open stream alternating 3 times
 #   bench/run.sh --cache    # the response cache: CPU and instructions per
 #                           # request for a hit, a miss and the proxy path
+#                           # (with --ab OLD: OLD and this build, alternating)
 #   bench/run.sh --passthrough # the pass-through (POST /v1/moderations) next
 #                           # to chat: CPU and instructions per request
 #   bench/run.sh --budget   # spend budgets: CPU and instructions per plain
@@ -41,7 +42,7 @@ while [ "$#" -gt 0 ]; do
       [ -x "$AB_OLD" ] || { echo "bench: --ab needs an executable relaygate binary" >&2; exit 2; }
       shift
       ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -376,12 +377,15 @@ SLOW_ADDR="$SIM_ADDR"
 write_relaygate_config
 
 if [ "$CACHE" = 1 ]; then
-  # The response cache (issue 16), this build only: the same pair of
-  # upstreams behind the cache and not, with the same body (after the first
-  # request, every cached one is a hit) and with a body that changes on
-  # every request (0 % hits: every cached one is a miss that is stored).
-  # BENCH_CACHE_MAX_BYTES bounds the cache (default 256 MiB, which 10 s of
-  # misses do not fill: the cache grows through the whole run).
+  # The response cache (issue 16): the same pair of upstreams behind the
+  # cache and not, with the same body (after the first request, every cached
+  # one is a hit) and with a body that changes on every request (0 % hits:
+  # every cached one is a miss that is stored). With --ab OLD, each path
+  # runs on OLD and on this build, alternating.
+  # BENCH_CACHE_MAX_BYTES bounds the cache. The default, 256 MiB, is not
+  # filled by a run of misses: the cache grows through it (new memory for
+  # every entry). A bound the warm-up fills (4194304) measures the steady
+  # state of a busy cache instead: every store evicts an entry.
   cat >>"$TMP/relaygate.toml" <<TOML
 
 [[models]]
@@ -410,33 +414,44 @@ LUA
   path_name() { case "$1-$2" in
     deepseek-chat-same) echo "proxy" ;; deepseek-chat-varying) echo "proxy, body varies" ;;
     deepseek-cached-same) echo "cache hit" ;; deepseek-cached-varying) echo "cache miss (0 % hits)" ;; esac; }
-  echo "relaygate response cache, $(date -u +%Y-%m-%dT%H:%M:%SZ): wrk -t1 -c$WRK_CONNS for $SAT_FOR, proxy on core $PROXY_CORE"
+  builds=(this)
+  [ -z "$AB_OLD" ] || builds=(old new)
+  binary() { if [ "$1" = old ]; then echo "$AB_OLD"; else echo "$BIN/relaygate"; fi; }
+  echo "relaygate response cache, $(date -u +%Y-%m-%dT%H:%M:%SZ): wrk -t1 -c$WRK_CONNS for $SAT_FOR, proxy on core $PROXY_CORE, cache max_bytes ${BENCH_CACHE_MAX_BYTES:-268435456}"
+  [ -z "$AB_OLD" ] || echo "old: $AB_OLD"
   echo
-  echo "| round | path | req/s | proxy CPU per request, µs |"
-  echo "|---|---|---|---|"
+  echo "| round | path | build | req/s | proxy CPU per request, µs | RSS after, MiB |"
+  echo "|---|---|---|---|---|---|"
   for round in 1 2 3; do
     for model in deepseek-chat deepseek-cached; do
       for vary in same varying; do
-        start_relaygate
-        url="http://$RELAYGATE_ADDR/v1/chat/completions"
-        load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/$model-$vary.lua" "$url" >/dev/null
-        python3 -c 'import json, sys; d = json.loads(sys.argv[1])
+        for build in "${builds[@]}"; do
+          start_relaygate "$(binary "$build")"
+          url="http://$RELAYGATE_ADDR/v1/chat/completions"
+          load wrk -t1 -c"$WRK_CONNS" -d"$WARM_FOR" -s "$TMP/$model-$vary.lua" "$url" >/dev/null
+          python3 -c 'import json, sys; d = json.loads(sys.argv[1])
 assert d["errors"] == 0, d
-print("| %s | %s | %s | %.1f |" % (sys.argv[2], sys.argv[3], format(d["rps"], ",.0f"), d["proxy_cpu_s"] / d["requests"] * 1e6))' \
-          "$(saturate "$url" "$RELAYGATE_PID" "$TMP/$model-$vary.lua")" "$round" "$(path_name "$model" "$vary")"
-        stop "$RELAYGATE_PID"
+print("| %s | %s | %s | %s | %.1f | %.0f |" % (sys.argv[2], sys.argv[3], sys.argv[4], format(d["rps"], ",.0f"),
+  d["proxy_cpu_s"] / d["requests"] * 1e6, float(sys.argv[5]) / 1024))' \
+            "$(saturate "$url" "$RELAYGATE_PID" "$TMP/$model-$vary.lua")" "$round" "$(path_name "$model" "$vary")" \
+            "$build" "$(python3 "$BENCH/bench.py" rss "$RELAYGATE_PID")"
+          stop "$RELAYGATE_PID"
+        done
       done
     done
   done
   if command -v callgrind_control >/dev/null; then
     echo
-    echo "| round | path | user-space instructions per request (callgrind) |"
-    echo "|---|---|---|"
+    echo "| round | path | build | user-space instructions per request (callgrind) |"
+    echo "|---|---|---|---|"
     for round in 1 2; do
       for model in deepseek-chat deepseek-cached; do
         for vary in same varying; do
-          n="$(instructions_per_request "$BIN/relaygate" "$TMP/$model-$vary.lua" "$TMP/callgrind-$model-$vary-$round.out")"
-          echo "| $round | $(path_name "$model" "$vary") | $n |"
+          for build in "${builds[@]}"; do
+            n="$(instructions_per_request "$(binary "$build")" "$TMP/$model-$vary.lua" \
+              "$TMP/callgrind-$model-$vary-$build-$round.out")"
+            echo "| $round | $(path_name "$model" "$vary") | $build | $n |"
+          done
         done
       done
     done
