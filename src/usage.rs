@@ -310,11 +310,22 @@ enum KeySearch {
     Automaton(aho_corasick::AhoCorasick),
 }
 
+/// A pattern Teddy is given only to make it fingerprint three bytes of each
+/// key rather than four (it takes the shortest pattern's length, at most
+/// four): six byte shuffles per 32 bytes of haystack instead of eight; a
+/// timing loop of the pass over the 230-byte chunk, 34 -> 27 ns. Three NULs
+/// cannot overlap a key (quotes, letters, `_`), so the keys' matches are the
+/// same with it; a match of it is skipped.
+const FILLER: &[u8] = b"\0\0\0";
+const FILLER_PATTERN: usize = SCAN_KEYS.len();
+
 static KEY_SEARCH: std::sync::LazyLock<KeySearch> =
-    std::sync::LazyLock::new(|| match aho_corasick::packed::Searcher::new(SCAN_KEYS) {
-        Some(teddy) => KeySearch::Teddy(teddy),
-        None => automaton(),
-    });
+    std::sync::LazyLock::new(
+        || match aho_corasick::packed::Searcher::new(SCAN_KEYS.iter().chain([&FILLER])) {
+            Some(teddy) => KeySearch::Teddy(teddy),
+            None => automaton(),
+        },
+    );
 
 fn automaton() -> KeySearch {
     KeySearch::Automaton(
@@ -365,12 +376,10 @@ fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
         }
     };
     let mut out = EventScan::default();
-    let mut found = |pattern: usize, start: usize, end: usize| {
-        if pattern == USAGE_PATTERN {
-            out.mentions_usage = true;
-        } else {
-            out.text_bytes += value_at(start, end);
-        }
+    let mut found = |pattern: usize, start: usize, end: usize| match pattern {
+        USAGE_PATTERN => out.mentions_usage = true,
+        FILLER_PATTERN => {}
+        _ => out.text_bytes += value_at(start, end),
     };
     match search {
         KeySearch::Teddy(teddy) => teddy
@@ -669,6 +678,43 @@ mod tests {
         assert_eq!(generated_text_bytes(br#"{"content":"unterminated"#), 0);
         assert_eq!(estimate_completion(0), 0);
         assert_eq!(estimate_completion(5), 2);
+    }
+
+    proptest::proptest! {
+        /// Teddy with the filler pattern finds what it finds without it, and
+        /// what the general automaton finds, on text made of keys, the
+        /// filler's NULs and the bytes around keys.
+        #[test]
+        fn the_filler_changes_no_match(json in json_ish()) {
+            let plain = aho_corasick::packed::Searcher::new(SCAN_KEYS).map(KeySearch::Teddy);
+            let with_filler = scan(&json);
+            proptest::prop_assert_eq!(with_filler, scan_with(&automaton(), &json));
+            if let Some(plain) = plain {
+                proptest::prop_assert_eq!(with_filler, scan_with(&plain, &json));
+            }
+        }
+    }
+
+    fn json_ish() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            Just(&b"\"content\""[..]),
+            Just(&b"\"reasoning_content\""[..]),
+            Just(&b"\"reasoning\""[..]),
+            Just(&b"\"arguments\""[..]),
+            Just(&b"\"text\""[..]),
+            Just(&b"\"usage\""[..]),
+            Just(&b"\0"[..]),
+            Just(&b"\""[..]),
+            Just(&b":"[..]),
+            Just(&b"{"[..]),
+            Just(&b","[..]),
+            Just(&b" "[..]),
+            Just(&b"\\"[..]),
+            Just(&b"ab"[..]),
+            Just(&b"\"x\""[..]),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|p| p.concat())
     }
 
     /// The fallback for CPUs without Teddy finds what Teddy finds.
