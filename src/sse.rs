@@ -299,23 +299,56 @@ pub struct BatchInfo {
 /// Reads the events of a batch of complete events. An event is parsed as
 /// JSON only when it mentions `"usage"`; the generated text is measured by
 /// `usage::generated_text_bytes`, a scan without a parse.
+///
+/// Events of one `data:` line ended by LF LF, the shape every provider
+/// sends, are cut here with one memchr, not `events`' parse line by line
+/// (criterion `usage/events`: 19 ns a chat chunk, a quarter of `inspect`);
+/// the first other event hands the rest of the batch to `events`. Both
+/// read the same (tests/it/sse_props.rs compares them).
 pub fn inspect(batch: &[u8]) -> BatchInfo {
     let mut info = BatchInfo::default();
-    for event in events(batch) {
-        let data = &*event.data;
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let Some((data, len)) = one_line_event(rest) else {
+            for event in events(rest) {
+                info.add(&event.data);
+            }
+            break;
+        };
+        info.add(data);
+        rest = &rest[len..];
+    }
+    info
+}
+
+/// `data:` (a space, optional) and a value without CR or LF, then LF LF, at
+/// the start of `batch`: the event's data and its length. The spec's parse
+/// of those bytes dispatches the same data (`events`).
+fn one_line_event(batch: &[u8]) -> Option<(&[u8], usize)> {
+    let line = batch.strip_prefix(b"data:")?;
+    let end = memchr::memchr2(b'\n', b'\r', line)?;
+    if line[end] != b'\n' || line.get(end + 1) != Some(&b'\n') {
+        return None;
+    }
+    let value = &line[..end];
+    Some((value.strip_prefix(b" ").unwrap_or(value), b"data:".len() + end + 2))
+}
+
+impl BatchInfo {
+    /// One event's data.
+    fn add(&mut self, data: &[u8]) {
         if data == b"[DONE]" {
-            info.done = true;
-            continue;
+            self.done = true;
+            return;
         }
         let scan = usage::scan(data);
-        info.text_bytes += scan.text_bytes;
+        self.text_bytes += scan.text_bytes;
         if scan.mentions_usage {
             if let Ok(Some(u)) = usage::from_json(data) {
-                info.usage = Some(u);
+                self.usage = Some(u);
             }
         }
     }
-    info
 }
 
 /// `inspect`, or `inspect_responses` for a Responses API stream.
@@ -545,6 +578,32 @@ mod tests {
         assert_eq!(strip_usage_only(mixed.clone()), mixed);
         let crlf = Bytes::from(format!("{}{}", usage.replace("\n\n", "\r\n\r\n"), done));
         assert_eq!(strip_usage_only(crlf), Bytes::from_static(done.as_bytes()));
+    }
+
+    /// The shape `inspect` cuts itself, and the ones it leaves to `events`
+    /// (tests/it/sse_props.rs checks that both read the same).
+    #[test]
+    fn one_line_events_are_cut_without_the_line_parse() {
+        assert_eq!(one_line_event(b"data: {\"a\":1}\n\nda"), Some((&b"{\"a\":1}"[..], 15)));
+        assert_eq!(one_line_event(b"data:[DONE]\n\n"), Some((&b"[DONE]"[..], 13)));
+        assert_eq!(one_line_event(b"data:  x\n\n"), Some((&b" x"[..], 10)));
+        for other in [
+            &b"data: 1\r\n\r\n"[..],
+            b"data: 1\r\r",
+            b"data: 1\n\r\n",
+            b"data: 1\ndata: 2\n\n",
+            b"data: 1\nid: 2\n\n",
+            b": hi\ndata: 1\n\n",
+            b"event: x\ndata: 1\n\n",
+            b"data 1\n\n",
+            b"data: 1\n",
+        ] {
+            assert_eq!(one_line_event(other), None, "{:?}", String::from_utf8_lossy(other));
+        }
+        // A batch that starts in that shape and goes on in another.
+        let info =
+            inspect(b"data: {\"content\":\"ab\"}\n\ndata: {\"content\":\r\ndata: \"cd\"}\r\n\r\ndata: [DONE]\n\n");
+        assert_eq!((info.text_bytes, info.done), (4, true));
     }
 
     #[test]

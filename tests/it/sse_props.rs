@@ -11,12 +11,16 @@
 //! the usage-only chunk removes exactly that event's bytes, however many
 //! lines it spans.
 //!
+//! Along the way, `inspect` (which cuts one-line LF events itself) reads
+//! what `inspect_by_events` (the spec's parse for every event) reads.
+//!
 //! The fuzz run: arbitrary bytes, in arbitrary reads, through the reader,
-//! `inspect` and `strip_usage_only`, and arbitrary bodies through
-//! `request::parse`: no panic, no hang, batches that add up to at most the
-//! input. It runs for `RELAYGATE_FUZZ_SECONDS` (2 by default; CI sets 60)
-//! and prints its executions. A proptest loop, not `cargo fuzz`: that needs
-//! a nightly toolchain, which this project's machines do not have.
+//! `inspect` (against `inspect_by_events`) and `strip_usage_only`, and
+//! arbitrary bodies through `request::parse`: no panic, no hang, batches
+//! that add up to at most the input. It runs for `RELAYGATE_FUZZ_SECONDS`
+//! (2 by default; CI sets 60) and prints its executions. A proptest loop,
+//! not `cargo fuzz`: that needs a nightly toolchain, which this project's
+//! machines do not have.
 
 use std::future::Future;
 use std::pin::pin;
@@ -29,6 +33,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use relaygate::request::{self, Endpoint};
 use relaygate::sse::{self, BodyError, ReadError, SseReader};
+use relaygate::usage;
 
 /// Polls a future whose inputs are all in memory: it must be ready at once.
 fn now<F: Future>(f: F) -> F::Output {
@@ -217,6 +222,27 @@ fn seen(batches: &[Bytes]) -> (usize, bool, Option<(u64, u64)>, u64) {
     (events, done, usage, text)
 }
 
+/// `sse::inspect` by the spec's parse alone: what it does for every event
+/// that is not one `data:` line ended by LF LF, which it cuts itself.
+fn inspect_by_events(batch: &[u8]) -> sse::BatchInfo {
+    let mut info = sse::BatchInfo::default();
+    for event in sse::events(batch) {
+        let data = &*event.data;
+        if data == b"[DONE]" {
+            info.done = true;
+            continue;
+        }
+        let scan = usage::scan(data);
+        info.text_bytes += scan.text_bytes;
+        if scan.mentions_usage {
+            if let Ok(Some(u)) = usage::from_json(data) {
+                info.usage = Some(u);
+            }
+        }
+    }
+    info
+}
+
 fn chunks() -> impl Strategy<Value = Chunks> {
     let text = prop::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter);
     (
@@ -263,6 +289,12 @@ proptest! {
         prop_assert_eq!(want, (chunks.texts.len() + chunks.usage.is_some() as usize + chunks.done as usize,
             chunks.done, chunks.usage, text));
         prop_assert_eq!(seen(&batches), want, "{:?}", String::from_utf8_lossy(&bytes));
+        // inspect's cut of one-line events reads what the spec's parse reads,
+        // per batch and over the whole stream at once, plain and as written.
+        let whole = [Bytes::from(plain.clone()), Bytes::from(bytes.clone())];
+        for b in batches.iter().chain(&plain_batches).chain(&whole) {
+            prop_assert_eq!(sse::inspect(b), inspect_by_events(b), "{:?}", String::from_utf8_lossy(b));
+        }
 
         // Stripping removes the usage-only event, all of its lines, and nothing else.
         let stripped: Vec<u8> = batches.iter().flat_map(|b| sse::strip_usage_only(b.clone()).to_vec()).collect();
@@ -280,8 +312,9 @@ fn fuzz_one(bytes: &[u8], cuts: &[usize]) {
     let (batches, _) = read_all(reader(bytes, cuts));
     let total: usize = batches.iter().map(Bytes::len).sum();
     assert!(total <= bytes.len());
+    assert_eq!(sse::inspect(bytes), inspect_by_events(bytes), "{bytes:?}");
     for b in &batches {
-        let _ = sse::inspect(b);
+        assert_eq!(sse::inspect(b), inspect_by_events(b), "{b:?}");
         let stripped = sse::strip_usage_only(b.clone());
         assert!(stripped.len() <= b.len());
         let _ = sse::events(b).count();
