@@ -75,7 +75,7 @@ impl From<RawUsage> for Usage {
 /// JSON at all, `Ok(None)` when it is JSON without a `usage` object.
 pub fn from_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     if let Some(usage) = usage_at_the_end(body) {
-        return Ok(Some(usage));
+        return Ok(usage);
     }
     let parsed: WithUsage = serde_json::from_slice(body)?;
     Ok(parsed.usage.map(Usage::from))
@@ -98,7 +98,11 @@ pub(crate) static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>
 /// checked by parsing that tail). The text before the key is not validated:
 /// a body that starts with `{`, ends with a valid tail and is broken in the
 /// middle is taken as JSON. Anything else falls back to the full parse.
-fn usage_at_the_end(body: &[u8]) -> Option<Usage> {
+///
+/// `Some(None)`: the member is `"usage": null`, which OpenAI sends on every
+/// chunk of a stream that asked for usage but the last; taken here too, or
+/// each of those chunks would get the full parse.
+fn usage_at_the_end(body: &[u8]) -> Option<Option<Usage>> {
     let body = body.trim_ascii();
     if body.first() != Some(&b'{') || body.last() != Some(&b'}') {
         return None;
@@ -113,13 +117,17 @@ fn usage_at_the_end(body: &[u8]) -> Option<Usage> {
     let value = body[at + USAGE_KEY_BYTES.len()..]
         .trim_ascii_start()
         .strip_prefix(b":")?;
-    let (raw, end) = match Scan::new(value).usage() {
-        Some(scanned) => scanned,
-        None => {
-            let mut values = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
-            let raw = values.next()?.ok()?;
-            (raw, values.byte_offset())
-        }
+    let null = value.trim_ascii_start().strip_prefix(b"null");
+    let (raw, end) = match null {
+        Some(after) => (None, value.len() - after.len()),
+        None => match Scan::new(value).usage() {
+            Some((raw, end)) => (Some(raw), end),
+            None => {
+                let mut values = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
+                let raw = values.next()?.ok()?;
+                (Some(raw), values.byte_offset())
+            }
+        },
     };
     let tail = value[end..].trim_ascii();
     let closes_outermost = tail == b"}"
@@ -129,7 +137,7 @@ fn usage_at_the_end(body: &[u8]) -> Option<Usage> {
             object.extend_from_slice(members);
             serde_json::from_slice::<serde::de::IgnoredAny>(&object).is_ok()
         });
-    closes_outermost.then(|| Usage::from(raw))
+    closes_outermost.then(|| raw.map(Usage::from))
 }
 
 /// Reads a usage object of the shape every provider sends: keys without
@@ -593,7 +601,7 @@ mod tests {
             r#"{"id":"x","choices":[{"message":{"content":"say \"usage\": {}"}}],
                "usage":{"prompt_tokens":3,"completion_tokens":2},"service_tier":"default","system_fingerprint":null}"#,
         );
-        assert_eq!(usage_at_the_end(&openai), Some(u(3)));
+        assert_eq!(usage_at_the_end(&openai), Some(Some(u(3))));
         assert_eq!(from_json(&openai).unwrap(), Some(u(3)));
         // A nested "usage" after the real one is not taken by the fast path,
         // and the full parse still finds the outermost one.
@@ -607,6 +615,15 @@ mod tests {
         assert_eq!(from_json(&inner_last).unwrap(), None);
         // "usage" as a string value, not a key.
         assert_eq!(usage_at_the_end(br#"{"a":"usage","b":1}"#), None);
+        // `"usage": null`, OpenAI's on every stream chunk but the last: no
+        // usage, without the full parse; the same answer as serde's.
+        let chunk = body(r#"{"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}"#);
+        assert_eq!(usage_at_the_end(&chunk), Some(None));
+        assert_eq!(from_json(&chunk).unwrap(), None);
+        let chunk = body(r#"{"choices":[],"usage": null ,"obfuscation":"x"}"#);
+        assert_eq!(usage_at_the_end(&chunk), Some(None));
+        assert_eq!(usage_at_the_end(br#"{"usage":nullx}"#), None, "not null: serde decides");
+        assert!(from_json(br#"{"usage":nullx}"#).is_err());
         // Truncated or not an object: full parse, which fails.
         assert!(from_json(br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}"#).is_err());
         assert_eq!(usage_at_the_end(br#"[{"usage":{"prompt_tokens":3}}]"#), None);
