@@ -32,6 +32,20 @@ targets = [{ upstream = "d" }]
     config
 }
 
+/// Four simulators behind one gateway, `b` (`gpt-failover`'s first
+/// target) answering 503.
+async fn failing_first_target() -> (Sim, Sim, Sim, Sim, Gateway) {
+    let sim = |name| Sim::start(name, Faults::default());
+    let failing = Faults {
+        status: Some(503),
+        ..Faults::default()
+    };
+    let (a, b) = (sim("a").await.unwrap(), Sim::start("b", failing).await.unwrap());
+    let (c, d) = (sim("c").await.unwrap(), sim("d").await.unwrap());
+    let gw = Gateway::start(&four_upstreams(&a, &b, &c, &d), &[]).await;
+    (a, b, c, d, gw)
+}
+
 fn responses_request(stream: bool) -> Value {
     json!({
         "model": "deepseek-chat",
@@ -159,19 +173,7 @@ async fn a_responses_stream_reaches_the_client_byte_for_byte_and_its_usage_is_co
 
 #[tokio::test]
 async fn a_503_before_the_first_event_fails_over() {
-    let a = Sim::start("a", Faults::default()).await.unwrap();
-    let b = Sim::start(
-        "b",
-        Faults {
-            status: Some(503),
-            ..Faults::default()
-        },
-    )
-    .await
-    .unwrap();
-    let c = Sim::start("c", Faults::default()).await.unwrap();
-    let d = Sim::start("d", Faults::default()).await.unwrap();
-    let gw = Gateway::start(&four_upstreams(&a, &b, &c, &d), &[]).await;
+    let (_a, b, c, _d, gw) = failing_first_target().await;
 
     let mut request = responses_request(true);
     request["model"] = json!("gpt-failover");
@@ -266,20 +268,9 @@ async fn a_stream_that_breaks_after_its_first_event_ends_with_an_error_event_and
 
 #[tokio::test]
 async fn a_stored_response_is_read_cancelled_and_deleted_at_the_upstream_that_served_it() {
-    let a = Sim::start("a", Faults::default()).await.unwrap();
-    // The model's first target: were the id's requests sent here, they would fail.
-    let b = Sim::start(
-        "b",
-        Faults {
-            status: Some(503),
-            ..Faults::default()
-        },
-    )
-    .await
-    .unwrap();
-    let c = Sim::start("c", Faults::default()).await.unwrap();
-    let d = Sim::start("d", Faults::default()).await.unwrap();
-    let gw = Gateway::start(&four_upstreams(&a, &b, &c, &d), &[]).await;
+    // The model's first target (`b`) fails: were the id's requests sent
+    // there, they would fail too.
+    let (_a, b, c, _d, gw) = failing_first_target().await;
 
     let mut request = responses_request(false);
     request["model"] = json!("gpt-failover");
