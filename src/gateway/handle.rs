@@ -172,10 +172,27 @@ async fn run(
         .map_err(|e| body_error(&*e, limit, pause))?
         .to_bytes();
 
-    let parsed = request::parse(endpoint, &body)?;
-    if parsed.stream {
-        record.set_prompt_estimate(&body);
-    }
+    // The (prompt, completion) token estimate, for whichever needs it (token
+    // rate limits, spend budgets), from the same pass as the parse.
+    let limiter = state.limiter();
+    let budgets = state.budgets();
+    let (parsed, estimate) = if limiter.counts_tokens() || !budgets.is_empty() {
+        let default_max_tokens = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => limiter.settings().default_max_tokens,
+        };
+        let (parsed, estimate) = request::parse_with_estimate(endpoint, &body, default_max_tokens)?;
+        if parsed.stream {
+            record.set_prompt_tokens(estimate.0);
+        }
+        (parsed, estimate)
+    } else {
+        let parsed = request::parse(endpoint, &body)?;
+        if parsed.stream {
+            record.set_prompt_estimate(&body);
+        }
+        (parsed, (0, 0))
+    };
     let model = runtime
         .model(&parsed.model)
         .ok_or_else(|| GatewayError::ModelNotFound(clip(&parsed.model)))?;
@@ -186,7 +203,6 @@ async fn run(
 
     // The response cache: a hit answers here; a miss carries its plan to
     // the store.
-    let limiter = state.limiter();
     let plan = match super::cached::look_up(
         state,
         model,
@@ -207,18 +223,6 @@ async fn run(
 
     // Key, model and global rate limits, once per request (queue rules may
     // wait here, bounded; a client that leaves drops out of the queue).
-    // The (prompt, completion) token estimate, parsed once for whichever
-    // needs it: token rate limits and spend budgets.
-    let budgets = state.budgets();
-    let estimate = if limiter.counts_tokens() || !budgets.is_empty() {
-        let default_max_tokens = match endpoint {
-            Endpoint::Embeddings => 0,
-            _ => limiter.settings().default_max_tokens,
-        };
-        crate::ratelimit::estimate(&body, default_max_tokens)
-    } else {
-        (0, 0)
-    };
     let estimated_tokens = if limiter.has_rules() {
         let tokens = if limiter.counts_tokens() {
             estimate.0.saturating_add(estimate.1)

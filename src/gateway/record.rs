@@ -147,6 +147,11 @@ impl RequestRecord {
         self.prompt_estimate = crate::ratelimit::estimate_prompt_tokens(body);
     }
 
+    /// `set_prompt_estimate` with the count already made (`parse_with_estimate`).
+    pub fn set_prompt_tokens(&mut self, tokens: u64) {
+        self.prompt_estimate = tokens;
+    }
+
     /// A plain answer came without `usage`: its tokens are estimated, the
     /// prompt from the request body, the completion from the answer's text.
     pub fn estimate_usage(&mut self, request: &[u8], answer: &[u8]) {

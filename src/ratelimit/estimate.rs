@@ -66,20 +66,27 @@ pub fn estimate(body: &[u8], default_max_tokens: u64) -> (u64, u64) {
     let Ok(b) = serde_json::from_slice::<Body>(body) else {
         return ((body.len() as u64).div_ceil(BYTES_PER_TOKEN), default_max_tokens);
     };
+    let prompt = [b.messages, b.prompt, b.input, b.instructions, b.tools, b.functions];
+    let limits = [b.max_completion_tokens, b.max_tokens, b.max_output_tokens, b.n];
+    from_fields(&prompt, limits, default_max_tokens)
+}
+
+/// The estimate from a body's fields, parsed by `estimate` or, in the same
+/// pass as the rest of the request, by `request::parse_with_estimate`:
+/// the prompt fields, then `max_completion_tokens`, `max_tokens`,
+/// `max_output_tokens` and `n`.
+pub(crate) fn from_fields(prompt: &[Option<Counted>], limits: [Option<u64>; 4], default_max_tokens: u64) -> (u64, u64) {
     let mut count = Count::default();
-    for c in [b.messages, b.prompt, b.input, b.instructions, b.tools, b.functions]
-        .into_iter()
-        .flatten()
-    {
-        count.bytes += c.0.bytes;
-        count.tokens += c.0.tokens;
+    for c in prompt.iter().flatten() {
+        count.bytes += c.count.bytes;
+        count.tokens += c.count.tokens;
     }
-    let completion = b
-        .max_completion_tokens
-        .or(b.max_tokens)
-        .or(b.max_output_tokens)
+    let [max_completion_tokens, max_tokens, max_output_tokens, n] = limits;
+    let completion = max_completion_tokens
+        .or(max_tokens)
+        .or(max_output_tokens)
         .unwrap_or(default_max_tokens)
-        .saturating_mul(b.n.unwrap_or(1).max(1));
+        .saturating_mul(n.unwrap_or(1).max(1));
     (count.tokens(), completion)
 }
 
@@ -99,76 +106,88 @@ impl Count {
 /// and key, one token per number, 765 per inline `data:` URL. Counting in
 /// serde's visitor rather than over a parsed `serde_json::Value` avoids an
 /// allocation per string, array and object, which was most of the cost.
-struct Counted(Count);
+pub(crate) struct Counted {
+    count: Count,
+    /// The value is an array (what `messages` must be).
+    array: bool,
+}
+
+impl Counted {
+    pub(crate) fn is_array(&self) -> bool {
+        self.array
+    }
+}
 
 impl<'de> Deserialize<'de> for Counted {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let mut count = Count::default();
-        Counter(&mut count).deserialize(d)?;
-        Ok(Counted(count))
+        let array = Counter(&mut count).deserialize(d)?;
+        Ok(Counted { count, array })
     }
 }
 
 struct Counter<'a>(&'a mut Count);
 
+/// Counts a value into its `Count`; its own value says whether the value
+/// was an array.
 impl<'de> DeserializeSeed<'de> for Counter<'_> {
-    type Value = ();
+    type Value = bool;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Counter<'_> {
-    type Value = ();
+    type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+    fn visit_str<E>(self, s: &str) -> Result<bool, E> {
         if s.starts_with("data:") {
             self.0.tokens += INLINE_MEDIA_TOKENS;
         } else {
             self.0.bytes += s.len() as u64;
         }
-        Ok(())
+        Ok(false)
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
         self.0.tokens += 1;
-        Ok(())
+        Ok(false)
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
         self.0.tokens += 1;
-        Ok(())
+        Ok(false)
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
         self.0.tokens += 1;
-        Ok(())
+        Ok(false)
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
     }
 
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
         while seq.next_element_seed(Counter(self.0))?.is_some() {}
-        Ok(())
+        Ok(true)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
         while let Some(key) = map.next_key_seed(KeyLen)? {
             self.0.bytes += key;
             map.next_value_seed(Counter(self.0))?;
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -250,10 +269,11 @@ mod tests {
             let counted: Counted = serde_json::from_str(json).unwrap();
             let expected = reference(&serde_json::from_str(json).unwrap());
             assert_eq!(
-                (counted.0.bytes, counted.0.tokens),
+                (counted.count.bytes, counted.count.tokens),
                 (expected.bytes, expected.tokens),
                 "{json}"
             );
+            assert_eq!(counted.is_array(), json.starts_with('['), "{json}");
         }
         // Broken JSON inside a prompt field fails the whole body, as before.
         assert_eq!(estimate_tokens(br#"{"messages":[{"a":1,}]}"#, 10), 6 + 10);

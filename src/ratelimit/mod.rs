@@ -35,6 +35,7 @@ pub use self::config::{
     check_matches, validate, Backend, FailMode, Limit, OnLimit, RateLimitSettings, RawRateLimit, RawRule, Rule,
 };
 pub use self::estimate::{estimate, estimate_prompt_tokens, estimate_tokens};
+pub(crate) use self::estimate::{from_fields as estimate_from_fields, Counted};
 use self::gcra::{retry_after_secs, Dim, Gcra, Info};
 use self::local::LocalStore;
 use self::metrics::{Metrics, QueueResult};

@@ -325,7 +325,85 @@ fn fuzz_one(bytes: &[u8], cuts: &[usize]) {
             let _ = parsed.body_for(&body, "renamed");
         }
     }
+    assert_parse_with_estimate_agrees(bytes);
     let _ = relaygate::usage::generated_text_bytes(bytes);
+}
+
+/// `parse_with_estimate` (one pass) answers exactly as `parse` and
+/// `ratelimit::estimate` (two), for every routed endpoint.
+fn assert_parse_with_estimate_agrees(body: &[u8]) {
+    for endpoint in Endpoint::ROUTED {
+        let one = request::parse_with_estimate(endpoint, body, 77).map(|(p, e)| (format!("{p:?}"), e));
+        let two = request::parse(endpoint, body).map(|p| (format!("{p:?}"), relaygate::ratelimit::estimate(body, 77)));
+        match (one, two) {
+            (Ok(one), Ok(two)) => assert_eq!(one, two, "{:?}", String::from_utf8_lossy(body)),
+            (Err(one), Err(two)) => assert_eq!(one.to_string(), two.to_string()),
+            (one, two) => panic!("{one:?} vs {two:?} for {:?}", String::from_utf8_lossy(body)),
+        }
+    }
+}
+
+/// A JSON value of the kinds a request's fields hold, the wrong kinds too.
+fn json_value() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("null".to_owned()),
+        Just("true".to_owned()),
+        Just("0".to_owned()),
+        Just("64".to_owned()),
+        Just("-3".to_owned()),
+        Just("2.5".to_owned()),
+        Just("1e3".to_owned()),
+        Just(r#""m""#.to_owned()),
+        Just(r#""Say hello""#.to_owned()),
+        Just(r#""deep\u0073eek \"q\"""#.to_owned()),
+        Just(r#""data:image/png;base64,AAAA""#.to_owned()),
+        Just(r#""""#.to_owned()),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec!["role", "content", "type", "text", "k"]),
+                    inner
+                ),
+                0..4
+            )
+            .prop_map(|v| {
+                let members: Vec<String> = v.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", members.join(","))
+            }),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 2048, ..Config::default() })]
+
+    /// Request bodies of the fields both passes read, in any order, any
+    /// kind, sometimes twice.
+    #[test]
+    fn parse_with_estimate_agrees_with_parse_and_estimate(
+        members in prop::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "model", "messages", "prompt", "input", "instructions", "tools", "functions",
+                    "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream",
+                    "temperature", "stream_options", "user",
+                ]),
+                json_value(),
+            ),
+            0..10,
+        ),
+        with_model in any::<bool>(),
+    ) {
+        let mut members: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        if with_model {
+            members.insert(0, r#""model":"m""#.to_owned());
+        }
+        let body = format!("{{{}}}", members.join(","));
+        assert_parse_with_estimate_agrees(body.as_bytes());
+    }
 }
 
 /// Bytes drawn mostly from what the reader and the parsers look at.
