@@ -155,6 +155,17 @@ fn model_rewrite(c: &mut Criterion) {
         g.bench_function(format!("parse/{kind}"), |b| {
             b.iter(|| request::parse(Endpoint::ChatCompletions, black_box(&body)).expect("valid"))
         });
+        // With token limits or budgets: the estimate in the same pass, and
+        // as it was, a second pass.
+        g.bench_function(format!("parse_with_estimate/{kind}"), |b| {
+            b.iter(|| request::parse_with_estimate(Endpoint::ChatCompletions, black_box(&body), 1024).expect("valid"))
+        });
+        g.bench_function(format!("parse_then_estimate/{kind}"), |b| {
+            b.iter(|| {
+                let p = request::parse(Endpoint::ChatCompletions, black_box(&body)).expect("valid");
+                (p, ratelimit::estimate(black_box(&body), 1024))
+            })
+        });
         let parsed = request::parse(Endpoint::ChatCompletions, &body).expect("valid");
         g.bench_function(format!("body_for/{kind}/model_renamed"), |b| {
             b.iter(|| parsed.body_for(black_box(&body), black_box("deepseek-v3.2")))
