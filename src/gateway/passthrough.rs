@@ -222,22 +222,15 @@ async fn run(
         let outcome = await_headers(sent, upload.as_ref(), &upstream, deadline).await;
         let retry_after = match outcome {
             Exchange::Answered(response) => {
-                let status = response.status();
-                let retryable = idempotent && matches!(status.as_u16(), 502..=504) && body.again();
+                let status = response.status().as_u16();
+                upstream
+                    .metrics
+                    .attempt(Some(status), ErrorType::of_status(status), attempt_started);
+                let retryable = idempotent && matches!(status, 502..=504) && body.again();
                 if !retryable || attempt >= retry.max_attempts {
-                    upstream.metrics.attempt(
-                        Some(status.as_u16()),
-                        ErrorType::of_status(status.as_u16()),
-                        attempt_started,
-                    );
                     let (parts, body) = response.into_parts();
-                    return Ok((status, response_headers(parts.headers), body, upstream));
+                    return Ok((parts.status, response_headers(parts.headers), body, upstream));
                 }
-                upstream.metrics.attempt(
-                    Some(status.as_u16()),
-                    ErrorType::of_status(status.as_u16()),
-                    attempt_started,
-                );
                 ErrorType::ServerError
             }
             Exchange::Failed {
