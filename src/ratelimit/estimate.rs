@@ -21,6 +21,9 @@ const INLINE_MEDIA_TOKENS: u64 = 765;
 
 /// The prompt-side fields of the OpenAI-compatible request bodies
 /// (chat completions, completions, embeddings, responses).
+/// `request::CountingProbe` reads the same fields in the parse's own pass
+/// (`request::parse_with_estimate`); a property test in
+/// tests/it/sse_props.rs holds the two to the same answers.
 #[derive(Deserialize)]
 struct Body {
     messages: Option<Counted>,
