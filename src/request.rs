@@ -113,8 +113,9 @@ struct Probe<'a> {
     stream_options: Option<&'a RawValue>,
 }
 
-/// `Probe` with the fields of the token estimate, counted as they are
-/// parsed (`parse_with_estimate`).
+/// `Probe` with the fields of the token estimate (those of
+/// `ratelimit::estimate`'s `Body`), counted as they are parsed
+/// (`parse_with_estimate`).
 #[derive(Deserialize)]
 struct CountingProbe<'a> {
     #[serde(borrow)]
