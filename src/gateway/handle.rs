@@ -57,7 +57,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
     // the request's last byte (for a stream, its end).
     let Some(slot) = state.try_admit() else {
         let error = GatewayError::Overloaded;
-        record.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
+        record.finish_error(&error);
         return error.into_response();
     };
     record.hold(Some(slot));
@@ -108,7 +108,7 @@ pub async fn handle(state: AppState, endpoint: Endpoint, req: Request) -> Respon
             response
         }
         Err(error) => {
-            record.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
+            record.finish_error(&error);
             error.into_response()
         }
     };

@@ -351,6 +351,11 @@ impl RequestRecord {
         self.write(status, outcome, error_code);
     }
 
+    /// `finish` for a request relaygate answered with `error`.
+    pub fn finish_error(self, error: &GatewayError) {
+        self.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
+    }
+
     fn write(&mut self, status: u16, outcome: Outcome, error_code: Option<&str>) {
         self.finished = true;
         if self.usage.is_none() && self.stream && self.ttft.is_some() {
