@@ -23,7 +23,6 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -33,6 +32,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower_http::request_id::RequestId;
 
@@ -69,7 +69,7 @@ pub async fn handle(state: AppState, req: http::Request<axum::body::Body>) -> Re
 }
 
 fn refuse(record: RequestRecord, error: GatewayError) -> Response {
-    record.finish(error.status().as_u16(), error.outcome(), Some(error.code()));
+    record.finish_error(&error);
     error.into_response()
 }
 
@@ -397,9 +397,9 @@ async fn await_headers(
 /// Why a streamed upload stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UploadFailure {
-    TooLarge = 1,
-    Paused = 2,
-    Broken = 3,
+    TooLarge,
+    Paused,
+    Broken,
 }
 
 impl UploadFailure {
@@ -414,44 +414,32 @@ impl UploadFailure {
     }
 }
 
-/// What the upload body tells the exchange: how it ended.
-#[derive(Default)]
-struct Upload {
-    failure: AtomicU8,
-    finished: tokio::sync::Notify,
-    done: std::sync::atomic::AtomicBool,
+/// What the upload body tells the exchange: how it ended, once it has
+/// (`None` while it is still going).
+struct Upload(watch::Sender<Option<Result<(), UploadFailure>>>);
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload(watch::Sender::new(None))
+    }
 }
 
 impl Upload {
     fn failure(&self) -> Option<UploadFailure> {
-        match self.failure.load(Ordering::Acquire) {
-            1 => Some(UploadFailure::TooLarge),
-            2 => Some(UploadFailure::Paused),
-            3 => Some(UploadFailure::Broken),
-            _ => None,
-        }
+        (*self.0.borrow())?.err()
     }
 
     fn finish(&self, failure: Option<UploadFailure>) {
-        if let Some(f) = failure {
-            self.failure.store(f as u8, Ordering::Release);
-        }
-        self.done.store(true, Ordering::Release);
-        self.finished.notify_waiters();
+        self.0.send_replace(Some(failure.map_or(Ok(()), Err)));
     }
 
     /// Resolves once the whole body has gone upstream (never, if it failed:
     /// the exchange fails then anyway).
     async fn finished(&self) {
-        loop {
-            let notified = self.finished.notified();
-            if self.done.load(Ordering::Acquire) {
-                if self.failure().is_none() {
-                    return;
-                }
-                std::future::pending::<()>().await;
-            }
-            notified.await;
+        let mut ended = self.0.subscribe();
+        match ended.wait_for(Option::is_some).await.map(|end| *end) {
+            Ok(Some(Ok(()))) => {}
+            _ => std::future::pending().await,
         }
     }
 }

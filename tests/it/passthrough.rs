@@ -290,6 +290,28 @@ async fn max_passthrough_body_bytes_limits_uploads() {
     assert_eq!(p.last_upload().map(|(len, _)| len), Some((limit / 2) as u64));
 }
 
+/// Without a length (chunked), the limit is counted while the upload
+/// streams: the upstream exchange is abandoned and the client gets a 413.
+#[tokio::test]
+async fn a_chunked_upload_over_the_limit_is_cut_with_a_413() {
+    let a = Sim::start("a", Faults::default()).await.unwrap();
+    let p = Sim::start("p", Faults::default()).await.unwrap();
+    let limit = 256 * 1024;
+    let config = with_passthrough_limit(with_passthrough(&[("a", &a), ("p", &p)], ""), limit);
+    let gw = Gateway::start(&config, &[]).await;
+    let (content_type, body) = multipart_upload(&vec![7u8; 2 * limit]);
+    let resp = client()
+        .post(format!("{}/v1/audio/transcriptions", gw.url))
+        .bearer_auth(CLIENT_KEY)
+        .header("content-type", content_type)
+        .body(chunked_body(Bytes::from(body)))
+        .send()
+        .await
+        .unwrap();
+    expect_openai_error(resp, 413, "payload_too_large").await;
+    assert_eq!(p.last_upload(), None, "the upstream never got a whole file");
+}
+
 /// Peak resident memory of a process, from `/proc/<pid>/status`.
 fn vm_hwm_bytes(pid: u32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
