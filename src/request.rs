@@ -103,7 +103,8 @@ struct Probe<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow)]
     stream: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// `null` is kept as a value: present, and not an array.
+    #[serde(borrow, default, deserialize_with = "present")]
     messages: Option<&'a RawValue>,
     #[serde(borrow)]
     temperature: Option<&'a RawValue>,
@@ -456,6 +457,12 @@ mod tests {
         assert!(message(chat(r#"{"model":5,"messages":[]}"#)).contains("'model'"));
         assert!(message(chat(r#"{"model":"m"}"#)).contains("'messages'"));
         assert!(message(chat(r#"{"model":"m","messages":"hi"}"#)).contains("'messages'"));
+        // `null` is there, of the wrong type; so says the one-pass parse too.
+        let null = br#"{"model":"m","messages":null}"#;
+        let wrong_type = "Invalid type for 'messages': expected an array.";
+        assert_eq!(message(parse(Endpoint::ChatCompletions, null)), wrong_type);
+        let one_pass = parse_with_estimate(Endpoint::ChatCompletions, null, 1).map(|(p, _)| p);
+        assert_eq!(message(one_pass), wrong_type);
         assert!(message(chat(r#"{"model":"m","messages":[],"stream":"yes"}"#)).contains("'stream'"));
         assert!(message(chat(r#"{"model":"m","model":"n","messages":[]}"#)).contains("duplicate"));
         assert!(message(parse(Endpoint::ChatCompletions, b"\xff\xfe")).contains("UTF-8"));
