@@ -125,7 +125,19 @@ fn read_all(chunks: Vec<Bytes>) -> usize {
 fn usage_extraction(c: &mut Criterion) {
     let mut g = c.benchmark_group("usage");
     let content = content_event(3);
+    // A content event in a stream: the stream's inspector has seen its
+    // earlier events, which begin alike (`sse::Inspector`).
+    let stream: Vec<String> = (0..4).map(content_event).collect();
+    let mut inspector = sse::Inspector::default();
+    let mut i = 0;
     g.bench_function("inspect/content_event", |b| {
+        b.iter(|| {
+            i = if i + 1 == stream.len() { 0 } else { i + 1 };
+            inspector.inspect(black_box(stream[i].as_bytes()))
+        })
+    });
+    // A stream's first event, or one that begins unlike the last.
+    g.bench_function("inspect/content_event_first", |b| {
         b.iter(|| sse::inspect(black_box(content.as_bytes())))
     });
     g.bench_function("inspect/usage_and_done", |b| {

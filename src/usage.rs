@@ -363,15 +363,28 @@ pub struct EventScan {
     pub text_bytes: u64,
     /// The bytes `"usage"` appear: the event may carry a usage object.
     pub mentions_usage: bool,
+    /// Where the first of the searched keys' bytes start, if any do: no key
+    /// begins before it (`sse::Inspector` skips such bytes next time).
+    pub first_key: Option<usize>,
+    /// Where the last key's bytes end, or where the search began if it
+    /// found none: no key begins at or after it.
+    pub after_keys: usize,
 }
 
 /// The generated text of a JSON event, and whether it mentions `"usage"`,
 /// in one pass.
 pub fn scan(json: &[u8]) -> EventScan {
-    scan_with(&KEY_SEARCH, json)
+    scan_with(&KEY_SEARCH, json, 0..json.len())
 }
 
-fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
+/// `scan`, for a caller that knows that every key's bytes in `json` lie
+/// within `span`: the same result, without searching the rest (a key's
+/// value is still read from the whole of `json`).
+pub fn scan_within(json: &[u8], span: std::ops::Range<usize>) -> EventScan {
+    scan_with(&KEY_SEARCH, json, span)
+}
+
+fn scan_with(search: &KeySearch, json: &[u8], span: std::ops::Range<usize>) -> EventScan {
     let value_at = |start: usize, end: usize| -> u64 {
         let Some(value) = json[end..].trim_ascii_start().strip_prefix(b":") else {
             return 0;
@@ -385,24 +398,71 @@ fn scan_with(search: &KeySearch, json: &[u8]) -> EventScan {
         }
     };
     let mut out = EventScan::default();
-    let mut found = |pattern: usize, start: usize, end: usize| match pattern {
-        USAGE_PATTERN => out.mentions_usage = true,
-        FILLER_PATTERN => {}
-        _ => out.text_bytes += value_at(start, end),
-    };
-    match search {
-        KeySearch::Teddy(teddy) => {
-            let mut at = 0;
-            while let Some(m) = teddy.find_in(json, aho_corasick::Span::from(at..json.len())) {
-                at = m.end();
-                found(m.pattern().as_usize(), m.start(), m.end());
-            }
+    let mut last_end = None;
+    let mut found = |pattern: usize, start: usize, end: usize| {
+        if pattern == FILLER_PATTERN {
+            return; // no key: three NULs cannot overlap one
         }
+        out.first_key.get_or_insert(start);
+        last_end = Some(end);
+        match pattern {
+            USAGE_PATTERN => out.mentions_usage = true,
+            _ => out.text_bytes += value_at(start, end),
+        }
+    };
+    let end = span.end.min(json.len());
+    let from = span.start.min(end);
+    let mut at = from;
+    // Both searchers report leftmost-first, non-overlapping matches: the
+    // first is where the first key's bytes start.
+    match search {
+        KeySearch::Teddy(teddy) => loop {
+            // Teddy hands a span shorter than its block to Rabin-Karp, and
+            // its own set-up costs more than walking the few quotes of a
+            // short span: on the 18 bytes a stream's chunk leaves to search
+            // (`sse::Inspector`), Teddy's call was a fifth of the chunk's
+            // `inspect`.
+            let m = if end - at < teddy.minimum_len().max(SHORT_SPAN) {
+                key_at_a_quote(json, at, end)
+            } else {
+                teddy
+                    .find_in(json, aho_corasick::Span::from(at..end))
+                    .map(|m| (m.pattern().as_usize(), m.start(), m.end()))
+            };
+            let Some((pattern, start, key_end)) = m else { break };
+            at = key_end;
+            found(pattern, start, key_end);
+        },
         KeySearch::Automaton(any) => any
-            .find_iter(json)
+            .find_iter(aho_corasick::Input::new(json).span(at..end))
             .for_each(|m| found(m.pattern().as_usize(), m.start(), m.end())),
     }
+    out.after_keys = last_end.unwrap_or(from);
     out
+}
+
+/// Shorter spans than this are searched quote by quote (`key_at_a_quote`).
+const SHORT_SPAN: usize = 32;
+
+/// The leftmost key in `json[at..end]` (the first of `SCAN_KEYS` where two
+/// start at one quote), as Teddy's leftmost-first search reports it:
+/// (pattern, start, end).
+fn key_at_a_quote(json: &[u8], mut at: usize, end: usize) -> Option<(usize, usize, usize)> {
+    // A byte loop: memchr's set-up costs more on a span this short.
+    while let Some(i) = json[at..end].iter().position(|&b| b == b'"') {
+        let start = at + i;
+        let rest = &json[start..end];
+        // Keys differ in their second byte but for two (`reasoning…`).
+        let second = rest.get(1).copied();
+        if let Some(p) = SCAN_KEYS
+            .iter()
+            .position(|k| second == Some(k[1]) && rest.starts_with(k))
+        {
+            return Some((p, start, start + SCAN_KEYS[p].len()));
+        }
+        at = start + 1;
+    }
+    None
 }
 
 /// The UTF-8 length of a JSON string's value, given the bytes after its
@@ -733,9 +793,9 @@ mod tests {
         fn the_filler_changes_no_match(json in json_ish()) {
             let plain = aho_corasick::packed::Searcher::new(SCAN_KEYS).map(KeySearch::Teddy);
             let with_filler = scan(&json);
-            proptest::prop_assert_eq!(with_filler, scan_with(&automaton(), &json));
+            proptest::prop_assert_eq!(with_filler, scan_with(&automaton(), &json, 0..json.len()));
             if let Some(plain) = plain {
-                proptest::prop_assert_eq!(with_filler, scan_with(&plain, &json));
+                proptest::prop_assert_eq!(with_filler, scan_with(&plain, &json, 0..json.len()));
             }
         }
 
@@ -802,7 +862,7 @@ mod tests {
             br#"{"reasoning":"ab","content":[{"type":"text","text":"cd"}]}"#,
             br#"{"note":"\"content\": \"no\""}"#,
         ] {
-            assert_eq!(scan_with(&fallback, json), scan(json));
+            assert_eq!(scan_with(&fallback, json, 0..json.len()), scan(json));
             assert!(generated_text_bytes(json) > 0 || json.starts_with(br#"{"note""#));
         }
     }

@@ -346,12 +346,13 @@ async fn read_stream_usage(config: &UpstreamConfig, model: &str) -> Result<Optio
         .boxed();
     let mut reader = SseReader::new(body);
     let mut usage = None;
+    let mut inspector = crate::sse::Inspector::default();
     while let Some(batch) = reader
         .next_batch()
         .await
         .map_err(|e| format!("the stream broke: {e:?}"))?
     {
-        let info = crate::sse::inspect(&batch);
+        let info = inspector.inspect(&batch);
         usage = info.usage.or(usage);
         if info.done {
             break;

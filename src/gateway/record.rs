@@ -44,6 +44,8 @@ pub struct RequestRecord {
     /// Bytes of text the stream generated, for the completion estimate
     /// when its usage never comes (`Usage::estimated`).
     text_bytes: u64,
+    /// Reads the stream's batches, remembering how its chunks begin.
+    inspector: sse::Inspector,
     usage_estimated: bool,
     trace: Option<Trace>,
     /// The model has a shadow: this request feeds the comparison.
@@ -92,6 +94,7 @@ impl RequestRecord {
             upstream_model: None,
             prompt_estimate: 0,
             text_bytes: 0,
+            inspector: sse::Inspector::default(),
             usage_estimated: false,
             trace: None,
             compared: false,
@@ -307,7 +310,7 @@ impl RequestRecord {
             }
         }
         self.last_batch = Some(now);
-        let info = sse::inspect_for(self.endpoint, batch);
+        let info = self.inspector.inspect_for(self.endpoint, batch);
         self.saw_done |= info.done;
         self.text_bytes += info.text_bytes;
         self.set_usage(info.usage);

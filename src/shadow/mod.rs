@@ -276,8 +276,9 @@ async fn attempt(m: &Mirror, started: Instant) -> Outcome2 {
             let mut done = false;
             let mut batch = Some(first);
             let mut broken = false;
+            let mut inspector = crate::sse::Inspector::default();
             while let Some(b) = batch.take() {
-                let info = crate::sse::inspect_for(m.endpoint, &b);
+                let info = inspector.inspect_for(m.endpoint, &b);
                 done |= info.done;
                 usage = info.usage.or(usage);
                 if want_text {

@@ -210,9 +210,10 @@ fn write(chunks: &Chunks, style: Option<&Style>) -> (Vec<u8>, Option<std::ops::R
 /// text estimate.
 fn seen(batches: &[Bytes]) -> (usize, bool, Option<(u64, u64)>, u64) {
     let (mut events, mut done, mut usage, mut text) = (0, false, None, 0);
+    let mut inspector = sse::Inspector::default();
     for b in batches {
         events += sse::events(b).count();
-        let info = sse::inspect(b);
+        let info = inspector.inspect(b);
         done |= info.done;
         if let Some(u) = info.usage {
             usage = Some((u.prompt, u.completion));
@@ -291,9 +292,14 @@ proptest! {
         prop_assert_eq!(seen(&batches), want, "{:?}", String::from_utf8_lossy(&bytes));
         // inspect's cut of one-line events reads what the spec's parse reads,
         // per batch and over the whole stream at once, plain and as written.
+        // So does one stream's inspector, which learns how its events begin
+        // and end, carried here across all of them.
         let whole = [Bytes::from(plain.clone()), Bytes::from(bytes.clone())];
+        let mut inspector = sse::Inspector::default();
         for b in batches.iter().chain(&plain_batches).chain(&whole) {
-            prop_assert_eq!(sse::inspect(b), inspect_by_events(b), "{:?}", String::from_utf8_lossy(b));
+            let want = inspect_by_events(b);
+            prop_assert_eq!(&sse::inspect(b), &want, "{:?}", String::from_utf8_lossy(b));
+            prop_assert_eq!(inspector.inspect(b), want, "{:?}", String::from_utf8_lossy(b));
         }
 
         // Stripping removes the usage-only event, all of its lines, and nothing else.
@@ -306,6 +312,75 @@ proptest! {
     }
 }
 
+/// Bytes that keys are made of and that stand around them, members with
+/// text or usage, and decoys: the halves of a key, a key's quote escaped,
+/// Teddy's filler.
+fn key_soup() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just(&b"\"content\""[..]),
+        Just(&b"\"reasoning_content\""[..]),
+        Just(&b"\"reasoning\""[..]),
+        Just(&b"\"arguments\""[..]),
+        Just(&b"\"text\""[..]),
+        Just(&b"\"usage\""[..]),
+        Just(&b"\"con"[..]),
+        Just(&b"tent\""[..]),
+        Just(&b"\\\""[..]),
+        Just(&b"{\"content\":\"ab\""[..]),
+        Just(&b",\"text\": \"cd\""[..]),
+        Just(&b"{\"reasoning_content\":\"e\"}"[..]),
+        Just(&b",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}"[..]),
+        Just(&b"ntent\":\"fg\""[..]),
+        Just(&b"\"ab\""[..]),
+        Just(&b"\""[..]),
+        Just(&b":"[..]),
+        Just(&b"{"[..]),
+        Just(&b"}"[..]),
+        Just(&b","[..]),
+        Just(&b" "[..]),
+        Just(&b"_"[..]),
+        Just(&b"ab"[..]),
+        Just(&b"[1]"[..]),
+        Just(&b"\0\0\0"[..]),
+    ];
+    prop::collection::vec(piece, 0..12).prop_map(|p| p.concat())
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 1024, ..Config::default() })]
+
+    /// A stream's inspector, which skips the beginning and end that an
+    /// event shares with the ones before, reads each event as a fresh one
+    /// does: events that share beginnings and ends made of keys, parts of
+    /// keys and the bytes around them, one event a batch or several.
+    #[test]
+    fn an_inspector_reads_each_event_as_a_fresh_one(
+        starts in prop::collection::vec(key_soup(), 1..3),
+        ends in prop::collection::vec((0..3usize, key_soup()), 1..3),
+        events in prop::collection::vec((key_soup(), 0..5usize, 0..3usize, 0..3usize, any::<bool>()), 1..12),
+    ) {
+        // An end may begin with the last part of a key, and a middle end
+        // with its first part or a whole key: a key then runs across where
+        // the end the events share begins.
+        const HEADS: [&[u8]; 5] = [b"", b",\"con", b",\"te", b",\"content\"", b",\"text\""];
+        const TAILS: [&[u8]; 3] = [b"", b"tent\":\"ab\"", b"xt\":\"cd\""];
+        let mut inspector = sse::Inspector::default();
+        let mut batch = Vec::new();
+        for (middle, head, start, end, flush) in events {
+            let start = starts.get(start).map_or(&b""[..], |s| &s[..]);
+            let end = ends.get(end).map_or(Vec::new(), |(tail, soup)| [TAILS[*tail], soup].concat());
+            batch.extend_from_slice(b"data: ");
+            batch.extend_from_slice(&[start, &middle[..], HEADS[head], &end[..]].concat());
+            batch.extend_from_slice(b"\n\n");
+            if flush {
+                prop_assert_eq!(inspector.inspect(&batch), sse::inspect(&batch), "{:?}", String::from_utf8_lossy(&batch));
+                batch.clear();
+            }
+        }
+        prop_assert_eq!(inspector.inspect(&batch), sse::inspect(&batch), "{:?}", String::from_utf8_lossy(&batch));
+    }
+}
+
 /// One fuzz execution: arbitrary bytes in arbitrary reads, and the same
 /// bytes as a request body.
 fn fuzz_one(bytes: &[u8], cuts: &[usize]) {
@@ -313,8 +388,10 @@ fn fuzz_one(bytes: &[u8], cuts: &[usize]) {
     let total: usize = batches.iter().map(Bytes::len).sum();
     assert!(total <= bytes.len());
     assert_eq!(sse::inspect(bytes), inspect_by_events(bytes), "{bytes:?}");
+    let mut inspector = sse::Inspector::default();
     for b in &batches {
         assert_eq!(sse::inspect(b), inspect_by_events(b), "{b:?}");
+        assert_eq!(inspector.inspect(b), inspect_by_events(b), "{b:?}");
         let stripped = sse::strip_usage_only(b.clone());
         assert!(stripped.len() <= b.len());
         let _ = sse::events(b).count();
