@@ -1,5 +1,6 @@
 //! A stored answer, and its bytes in Redis.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -11,7 +12,7 @@ use crate::usage::Usage;
 pub struct Entry {
     pub stream: bool,
     pub status: u16,
-    pub content_type: Option<String>,
+    pub content_type: Option<Cow<'static, str>>,
     /// The plain answer's body, or the stream's SSE bytes with its usage
     /// chunk (stripped on replay unless the client asked for usage).
     pub body: Bytes,
@@ -41,7 +42,7 @@ impl Entry {
     /// Its weight against `max_bytes` and `max_entry_bytes`: the body, plus
     /// what the rest of the entry holds.
     pub fn weight(&self) -> usize {
-        self.body.len() + self.content_type.as_ref().map_or(0, String::len) + 64
+        self.body.len() + self.content_type.as_ref().map_or(0, |c| c.len()) + 64
     }
 
     pub fn encode(&self) -> Bytes {
@@ -84,7 +85,7 @@ impl Entry {
         };
         let ct_len = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
         let ct = std::str::from_utf8(r.take(ct_len)?).ok()?;
-        let content_type = (!ct.is_empty()).then(|| ct.to_owned());
+        let content_type = (!ct.is_empty()).then(|| Cow::Owned(ct.to_owned()));
         Some(Entry {
             stream: flags & 1 != 0,
             status,

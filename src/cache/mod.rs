@@ -21,6 +21,7 @@
 //! - A failing backend never fails a request: the call is bounded, counted
 //!   in `relaygate_cache_backend_errors_total`, and the request goes upstream.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ pub use metrics::CacheResult;
 use flight::{Flights, Joined, Leader};
 use memory::{Memory, Stored};
 use metrics::Metrics;
+pub use metrics::ModelCounters;
 use redis::RedisCache;
 
 pub struct Cache {
@@ -91,7 +93,7 @@ pub struct Plan {
     pub result: CacheResult,
     /// The flight this request leads (plain requests that missed).
     leader: Option<Leader>,
-    metrics: Metrics,
+    counters: Arc<ModelCounters>,
     /// `stored` or `not_stored` was counted (or nothing is owed: a bypass,
     /// a hit). A plan dropped before that (an error, a client that left, a
     /// cut stream) counts `not_stored`.
@@ -101,7 +103,7 @@ pub struct Plan {
 impl Drop for Plan {
     fn drop(&mut self) {
         if !self.settled && self.mode != Mode::Bypass && self.result != CacheResult::Hit {
-            self.metrics.count(&self.model, CacheResult::NotStored);
+            self.counters.count(CacheResult::NotStored);
         }
     }
 }
@@ -114,6 +116,8 @@ pub struct Request<'a> {
     /// The endpoint's path, e.g. `/v1/chat/completions`.
     pub endpoint: &'a str,
     pub model: &'a Arc<str>,
+    /// The model's counters (`Metrics::for_model`).
+    pub counters: &'a Arc<ModelCounters>,
     pub targets: &'a [(&'a str, &'a str)],
     pub stream: bool,
     pub embeddings: bool,
@@ -190,7 +194,7 @@ impl Cache {
             ttl: r.policy.ttl,
             result: mode.result(),
             leader: None,
-            metrics: self.metrics.clone(),
+            counters: r.counters.clone(),
             settled: false,
         }
     }
@@ -235,7 +239,7 @@ impl Cache {
             Err(()) => plan.settled = true,
             Ok(None) => {}
         }
-        self.metrics.count(&plan.model, plan.result);
+        plan.counters.count(plan.result);
         found
     }
 
@@ -280,7 +284,7 @@ impl Cache {
         }
         plan.settled = true;
         let Some(mut entry) = entry else {
-            self.metrics.count(&plan.model, CacheResult::NotStored);
+            plan.counters.count(CacheResult::NotStored);
             plan.leader = None; // waiters look again, and one leads
             return;
         };
@@ -299,10 +303,10 @@ impl Cache {
             leader.complete(entry.clone());
         }
         if !fits {
-            self.metrics.count(&plan.model, CacheResult::NotStored);
+            plan.counters.count(CacheResult::NotStored);
             return;
         }
-        self.metrics.count(&plan.model, CacheResult::Stored);
+        plan.counters.count(CacheResult::Stored);
         match &self.backend {
             Backend::Memory(m) => m.insert(
                 plan.key,
@@ -399,11 +403,15 @@ fn storable(status: http::StatusCode, headers: &HeaderMap) -> bool {
     status.is_success() && !cache_control(headers).0
 }
 
-fn content_type(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+/// The answer's content type; the two that answers nearly always carry are
+/// not copied (an allocation per stored entry, and a free per evicted one).
+fn content_type(headers: &HeaderMap) -> Option<Cow<'static, str>> {
+    const COMMON: [&str; 2] = ["application/json", "text/event-stream"];
+    let v = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(match COMMON.iter().find(|c| **c == v) {
+        Some(c) => Cow::Borrowed(c),
+        None => Cow::Owned(v.to_owned()),
+    })
 }
 
 /// A stream's bytes, collected as they go to the client, and stored at its
@@ -412,7 +420,7 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
 pub struct Capture {
     cache: Arc<Cache>,
     plan: Plan,
-    content_type: Option<String>,
+    content_type: Option<Cow<'static, str>>,
     status: u16,
     buf: BytesMut,
     /// Past `max_entry_bytes`: collecting stopped.
@@ -545,11 +553,13 @@ mod tests {
             when: CacheWhen::Always,
         };
         let model: Arc<str> = Arc::from("m");
+        let counters = cache.metrics.for_model(&model);
         let request = Request {
             policy: &policy,
             client: "app",
             endpoint: "/chat/completions",
             model: &model,
+            counters: &counters,
             targets: &[("up", "m-up")],
             stream: false,
             embeddings: false,

@@ -38,7 +38,7 @@ pub(super) async fn look_up(
     deadline: Instant,
     record: &mut RequestRecord,
 ) -> Result<Lookup, GatewayError> {
-    let (Some(cache), Some(policy)) = (state.cache(), &model.config.cache) else {
+    let (Some(cache), Some(policy), Some(counters)) = (state.cache(), &model.config.cache, &model.cache) else {
         return Ok(Lookup::Off);
     };
     let route = &model.route;
@@ -64,6 +64,7 @@ pub(super) async fn look_up(
         client: key,
         endpoint: endpoint.upstream_path(),
         model: &route.label,
+        counters,
         targets,
         stream: parsed.stream,
         embeddings: endpoint == Endpoint::Embeddings,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::budget::Budgets;
-use crate::cache::Cache;
+use crate::cache::{Cache, ModelCounters};
 use crate::config::{Config, ModelConfig, UpstreamConfig};
 use crate::gateway::auth::ClientKeys;
 use crate::outcome::Outcome;
@@ -54,6 +54,8 @@ pub struct Model {
     pub route: Arc<Route>,
     pub metrics: Arc<ModelMetrics>,
     pub shadow: Option<Arc<Shadow>>,
+    /// With a `[cache]` and the model's `cache = {…}`: its cache counters.
+    pub cache: Option<Arc<ModelCounters>>,
 }
 
 /// Upstream health by upstream name, kept across config reloads so that a
@@ -102,7 +104,12 @@ pub enum BuildError {
 }
 
 impl Runtime {
-    pub fn new(config: Config, registry: &UpstreamRegistry, metrics: &Metrics) -> Result<Self, BuildError> {
+    pub fn new(
+        config: Config,
+        registry: &UpstreamRegistry,
+        metrics: &Metrics,
+        cache: Option<&Cache>,
+    ) -> Result<Self, BuildError> {
         let upstreams = config
             .upstreams
             .iter()
@@ -138,6 +145,9 @@ impl Runtime {
                         let upstream = upstreams[s.upstream].clone();
                         Arc::new(Shadow::new(&m.name, s.clone(), upstream, max_response_bytes, metrics))
                     }),
+                    cache: cache
+                        .filter(|_| m.cache.is_some())
+                        .map(|c| c.metrics.for_model(&m.name)),
                 }
             })
             .collect();
@@ -259,9 +269,9 @@ impl AppState {
         let Some(path) = inner.config_path.get() else {
             return Err("relaygate was not started from a config file".into());
         };
-        let built = Config::load(path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| Runtime::new(c, &inner.upstreams, &inner.metrics).map_err(|e| e.to_string()));
+        let built = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+            Runtime::new(c, &inner.upstreams, &inner.metrics, inner.cache.as_deref()).map_err(|e| e.to_string())
+        });
         match built {
             Ok(runtime) => {
                 let rule_names = |c: &Config| c.rate_limits.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>();
@@ -278,7 +288,7 @@ impl AppState {
                 if cache(&runtime.config) != cache(&inner.runtime.load().config) {
                     tracing::warn!("[cache] changed: it applies at the next start, not on reload");
                 }
-                preregister(&inner.metrics, inner.cache.as_deref(), &runtime);
+                preregister(&inner.metrics, &runtime);
                 inner.runtime.store(Arc::new(runtime));
                 inner.metrics.config_reloads.with_label_values(&["success"]).inc();
                 tracing::info!(path = %path.display(), "config reloaded");
@@ -362,9 +372,9 @@ impl AppState {
             Some(c) => Some(Cache::new(c, metrics.registry()).map_err(BuildError::Cache)?),
         };
         let upstreams = UpstreamRegistry::default();
-        let runtime = Runtime::new(config, &upstreams, &metrics)?;
+        let runtime = Runtime::new(config, &upstreams, &metrics, cache.as_deref())?;
         let in_flight = Arc::new(Semaphore::new(runtime.config.server.max_in_flight));
-        preregister(&metrics, cache.as_deref(), &runtime);
+        preregister(&metrics, &runtime);
         if !runtime.keys.enabled() {
             tracing::warn!(
                 "no [[keys]] configured: client authentication is OFF and any client can use the upstream keys"
@@ -455,12 +465,7 @@ fn warn_unpriced(config: &Config) {
 /// dashboards and `rate()` see zeros rather than gaps before first use.
 /// Series with a handle resolved at config load (failovers, hedges,
 /// retries, per-model latency, tokens and cost, shadows) exist already.
-fn preregister(metrics: &Metrics, cache: Option<&Cache>, runtime: &Runtime) {
-    if let Some(cache) = cache {
-        for m in runtime.models.iter().filter(|m| m.config.cache.is_some()) {
-            cache.metrics.preregister(&m.config.name);
-        }
-    }
+fn preregister(metrics: &Metrics, runtime: &Runtime) {
     for u in &runtime.upstreams {
         metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
         for (from, to) in [
