@@ -388,7 +388,6 @@ impl Inspector {
         }
     }
 
-    /// One event's data.
     /// One event's data; `known_start`: it begins with the prefix.
     fn add(&mut self, info: &mut BatchInfo, data: &[u8], known_start: bool) {
         if data == b"[DONE]" {
@@ -412,9 +411,9 @@ impl Inspector {
             return;
         }
         if !known_start {
-            // Up to the last `{` before the first key.
-            // Never one with a line end (an event of several `data:`
-            // lines): `one_line_event` looks for the line's end after it.
+            // Up to the last `{` before the first key, and never one with
+            // a line end (an event of several `data:` lines joined):
+            // `one_line_event` looks for the line's end after it.
             let before = scan.first_key.unwrap_or(data.len()).min(MAX_KEPT);
             self.prefix.clear();
             if let Some(brace) = memchr::memrchr(b'{', &data[..before]) {
