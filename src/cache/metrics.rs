@@ -193,3 +193,16 @@ impl Collector for SizeCollector {
         self.entries.collect().into_iter().chain(self.bytes.collect()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ModelCounters` indexes by discriminant: `ALL` must list them in order.
+    #[test]
+    fn all_results_are_in_discriminant_order() {
+        for (i, r) in CacheResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.as_str());
+        }
+    }
+}
