@@ -368,7 +368,7 @@ impl Inspector {
         while !rest.is_empty() {
             let Some((data, len, known_start)) = one_line_event(rest, &self.prefix) else {
                 for event in events(rest) {
-                    let known_start = !self.prefix.is_empty() && event.data.starts_with(&self.prefix);
+                    let known_start = begins_with(&event.data, &self.prefix);
                     self.add(&mut info, &event.data, known_start);
                 }
                 break;
@@ -434,6 +434,12 @@ impl Inspector {
     }
 }
 
+/// Whether `data` begins with an inspector's `prefix` (an empty one, none
+/// learnt yet, skips nothing).
+fn begins_with(data: &[u8], prefix: &[u8]) -> bool {
+    !prefix.is_empty() && data.starts_with(prefix)
+}
+
 /// Whether a key `usage::scan` looks for can hold byte `b` (a quote, a
 /// lowercase letter or `_`; a few bytes more than the keys hold).
 fn in_a_key(b: u8) -> bool {
@@ -465,7 +471,7 @@ fn common_suffix(a: &[u8], b: &[u8]) -> usize {
 fn one_line_event<'a>(batch: &'a [u8], prefix: &[u8]) -> Option<(&'a [u8], usize, bool)> {
     let line = batch.strip_prefix(b"data:")?;
     let value_at = usize::from(line.first() == Some(&b' '));
-    let known_start = !prefix.is_empty() && line[value_at..].starts_with(prefix);
+    let known_start = begins_with(&line[value_at..], prefix);
     let from = if known_start { value_at + prefix.len() } else { 0 };
     let end = from + memchr::memchr2(b'\n', b'\r', &line[from..])?;
     if line[end] != b'\n' || line.get(end + 1) != Some(&b'\n') {
