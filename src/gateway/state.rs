@@ -464,7 +464,8 @@ fn warn_unpriced(config: &Config) {
 /// Creates zero-valued series for what the config makes possible, so that
 /// dashboards and `rate()` see zeros rather than gaps before first use.
 /// Series with a handle resolved at config load (failovers, hedges,
-/// retries, per-model latency, tokens and cost, shadows) exist already.
+/// retries, per-model latency, tokens and cost, shadows, cache results)
+/// exist already.
 fn preregister(metrics: &Metrics, runtime: &Runtime) {
     for u in &runtime.upstreams {
         metrics.upstream_requests.with_label_values(&[&u.name, "200", "none"]);
