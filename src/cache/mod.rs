@@ -288,7 +288,8 @@ impl Cache {
             plan.leader = None; // waiters look again, and one leads
             return;
         };
-        let fits = entry.weight() <= self.max_entry_bytes;
+        // The answer's size, as a stream's is counted while it is captured.
+        let fits = entry.body.len() <= self.max_entry_bytes;
         if fits && matches!(self.backend, Backend::Memory(_)) {
             // A plain answer's body is a slice of the upstream connection's
             // read buffer (hyper's, 8 KiB or more); a stream's, of a buffer
