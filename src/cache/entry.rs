@@ -23,6 +23,14 @@ pub struct Entry {
     pub stored_at_ms: u64,
 }
 
+/// What an allocation costs beyond the bytes asked for: glibc's chunk
+/// header, and its rounding to 16 bytes (half of that on average).
+pub const ALLOCATION_OVERHEAD: usize = 16;
+
+/// An entry's own allocation (`Arc`'s two counts and the `Entry`) and the
+/// overhead of that allocation and of its body's.
+const ENTRY_OVERHEAD: usize = 2 * size_of::<usize>() + size_of::<Entry>() + 2 * ALLOCATION_OVERHEAD;
+
 /// The format's first bytes; a change to the layout changes it (and
 /// `key::FORMAT_VERSION`).
 const MAGIC: &[u8; 4] = b"RGC1";
@@ -39,10 +47,15 @@ impl Entry {
         Duration::from_millis(Self::now_ms().saturating_sub(self.stored_at_ms))
     }
 
-    /// Its weight against `max_bytes` and `max_entry_bytes`: the body, plus
-    /// what the rest of the entry holds.
+    /// The memory it takes, counted against the memory backend's
+    /// `max_bytes`: its body, a content type of its own, and itself in its
+    /// `Arc`, with the allocator's header and rounding for each allocation.
     pub fn weight(&self) -> usize {
-        self.body.len() + self.content_type.as_ref().map_or(0, |c| c.len()) + 64
+        let content_type = match &self.content_type {
+            Some(Cow::Owned(c)) => c.len() + ALLOCATION_OVERHEAD,
+            _ => 0,
+        };
+        self.body.len() + content_type + ENTRY_OVERHEAD
     }
 
     pub fn encode(&self) -> Bytes {

@@ -21,6 +21,10 @@
 //!   and is removed then. Expired entries no one reads are removed when
 //!   they reach the tail, when their room is needed, or when the size is
 //!   read (`size`, `per_model`: the metrics scrape and the admin view).
+//! - Weight: an entry's own (`Entry::weight`: its body, and itself in its
+//!   `Arc`) and its place here (`SLOT_OVERHEAD`), so that `max_bytes` bounds
+//!   the memory the cache takes, small answers included. An estimate: the
+//!   test `max_bytes_bounds_the_memory_taken` measures it.
 //! - Keys are SHA-256 digests already, so the map hashes one by taking 8 of
 //!   its bytes rather than running SipHash over all 32.
 
@@ -39,6 +43,11 @@ pub struct Stored {
     pub model: Arc<str>,
     pub ttl: Duration,
 }
+
+/// An entry's place in a shard: its node in the slab, and its slot and
+/// control byte in the map, which after it doubles is 7/16 full (so twice
+/// the slot, rather than the 8/7 of a full map).
+const SLOT_OVERHEAD: usize = size_of::<Node>() + 2 * (size_of::<(Key, u32)>() + 1);
 
 /// At most this many shards (a power of two).
 const MAX_SHARDS: usize = 16;
@@ -130,7 +139,7 @@ impl Memory {
     /// heavier than a shard's bound is not stored.
     pub fn insert(&self, key: Key, stored: Stored) {
         let now = Instant::now();
-        let weight = stored.entry.weight() as u64;
+        let weight = (stored.entry.weight() + SLOT_OVERHEAD) as u64;
         let value = Value {
             entry: stored.entry,
             model: stored.model,
@@ -384,7 +393,7 @@ mod tests {
     #[test]
     fn the_least_recently_used_goes_first() {
         // One shard (a small cache for its entry size) of 10 entries' room.
-        let weight = stored("m", 100, TEN_MINUTES).entry.weight() as u64;
+        let weight = (stored("m", 100, TEN_MINUTES).entry.weight() + SLOT_OVERHEAD) as u64;
         let memory = Memory::new(10 * weight, 10 * weight as usize);
         assert_eq!(memory.shards.len(), 1);
         for i in 0..10 {
@@ -399,7 +408,7 @@ mod tests {
         memory.insert(key(0), stored("m", 50, TEN_MINUTES));
         assert_eq!(memory.size(), (10, 10 * weight - 50));
         // An entry heavier than the cache is not stored.
-        memory.insert(key(99), stored("m", 2_000, TEN_MINUTES));
+        memory.insert(key(99), stored("m", 20_000, TEN_MINUTES));
         assert!(memory.get(&key(99)).is_none());
         assert_eq!(memory.size().0, 10);
     }
@@ -426,6 +435,91 @@ mod tests {
         memory.insert(key(4), stored("m", 10, Duration::from_secs(1)));
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(memory.purge(None), 1, "only the live entry counts as purged");
+    }
+
+    /// `max_bytes` bounds the memory a full cache really takes, for small
+    /// answers (where the overhead per entry is most of it) and larger ones.
+    /// Each size fills a cache in a process of its own (this test binary,
+    /// running only `fill_and_report`), so that no other test's
+    /// allocations are counted, and RSS is not lowered by what an earlier
+    /// size freed.
+    #[test]
+    fn max_bytes_bounds_the_memory_taken() {
+        const MAX_BYTES: u64 = 32 << 20;
+        for body_len in [20, 600, 4000] {
+            let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+                .args([
+                    "--exact",
+                    "cache::memory::tests::fill_and_report",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("RELAYGATE_FILL_BODY", body_len.to_string())
+                .env("RELAYGATE_FILL_MAX_BYTES", MAX_BYTES.to_string())
+                .output()
+                .expect("runs");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            let growth: u64 = text
+                .lines()
+                .find_map(|l| Some(l.split_once("rss growth: ")?.1))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no figure from the filling process:\n{text}"));
+            // The weight leaves out the allocator's slack: the slab's and
+            // the map's old buffers from before they doubled, and chunks
+            // split under churn. Measured: 1.26x for 20-byte answers, 1.12x
+            // for 600 and 4,000 (64 bytes an entry, as before: 4.6x for 20).
+            let bound = MAX_BYTES + MAX_BYTES / 100 * 35;
+            assert!(
+                growth <= bound,
+                "{body_len}-byte answers: a cache of {MAX_BYTES} bytes took {growth} ({:.2}x)",
+                growth as f64 / MAX_BYTES as f64
+            );
+            // And the measure is real: the cache did fill its bound.
+            assert!(growth >= MAX_BYTES / 2, "{body_len}-byte answers: only {growth} bytes");
+        }
+    }
+
+    /// Fills a cache twice over with answers of one size and prints
+    /// how much RSS grew; run by `max_bytes_bounds_the_memory_taken`.
+    #[test]
+    #[ignore = "run by max_bytes_bounds_the_memory_taken, in a process of its own"]
+    fn fill_and_report() {
+        let env = |name: &str| -> u64 { std::env::var(name).ok().and_then(|v| v.parse().ok()).expect(name) };
+        let (body_len, max_bytes) = (env("RELAYGATE_FILL_BODY") as usize, env("RELAYGATE_FILL_MAX_BYTES"));
+        let body = vec![b'x'; body_len];
+        // The thread's first allocations set up its arena (some MiB): not
+        // the cache's.
+        drop(Memory::new(1 << 16, 1 << 10));
+        let before = rss_bytes();
+        let memory = Memory::new(max_bytes, 1 << 20);
+        // Twice what would fit if an entry weighed 64 bytes besides its body.
+        for i in 0..2 * max_bytes / (body_len as u64 + 64) {
+            // Spread over the shards and the map like digests.
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+            k[31] = k[0] ^ k[5];
+            let mut entry = stored("m", 0, TEN_MINUTES);
+            Arc::get_mut(&mut entry.entry).expect("new").body = Bytes::copy_from_slice(&body);
+            memory.insert(Key(k), entry);
+        }
+        let (entries, bytes) = memory.size();
+        assert!(
+            entries > 0 && bytes <= max_bytes,
+            "{bytes} bytes in a cache of {max_bytes}"
+        );
+        assert!(bytes > max_bytes / 10 * 9, "it filled: {bytes} of {max_bytes} bytes");
+        println!("rss growth: {}", rss_bytes().saturating_sub(before));
+    }
+
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
     }
 
     #[test]
