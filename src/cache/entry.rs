@@ -23,9 +23,9 @@ pub struct Entry {
     pub stored_at_ms: u64,
 }
 
-/// What an allocation costs beyond the bytes asked for: glibc's chunk
-/// header, and its rounding to 16 bytes (half of that on average).
-pub const ALLOCATION_OVERHEAD: usize = 16;
+/// What an allocation costs beyond the bytes asked for: glibc's 8-byte
+/// chunk header, and its rounding to 16 bytes (8 on average).
+const ALLOCATION_OVERHEAD: usize = 16;
 
 /// An entry's own allocation (`Arc`'s two counts and the `Entry`) and the
 /// overhead of that allocation and of its body's.

@@ -481,12 +481,16 @@ mod tests {
     }
 
     /// Fills a cache twice over with answers of one size and prints
-    /// how much RSS grew; run by `max_bytes_bounds_the_memory_taken`.
+    /// how much RSS grew; run by `max_bytes_bounds_the_memory_taken`, or
+    /// by hand (`-- --ignored`: 20-byte answers in 32 MiB).
     #[test]
     #[ignore = "run by max_bytes_bounds_the_memory_taken, in a process of its own"]
     fn fill_and_report() {
-        let env = |name: &str| -> u64 { std::env::var(name).ok().and_then(|v| v.parse().ok()).expect(name) };
-        let (body_len, max_bytes) = (env("RELAYGATE_FILL_BODY") as usize, env("RELAYGATE_FILL_MAX_BYTES"));
+        let env = |name: &str, default: u64| -> u64 {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
+        let body_len = env("RELAYGATE_FILL_BODY", 20) as usize;
+        let max_bytes = env("RELAYGATE_FILL_MAX_BYTES", 32 << 20);
         let body = vec![b'x'; body_len];
         // The thread's first allocations set up its arena (some MiB): not
         // the cache's.
