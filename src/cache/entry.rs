@@ -55,7 +55,13 @@ impl Entry {
             Some(Cow::Owned(c)) => c.len() + ALLOCATION_OVERHEAD,
             _ => 0,
         };
-        self.body.len() + content_type + ENTRY_OVERHEAD
+        Self::weight_of_body(self.body.len()) + content_type
+    }
+
+    /// The weight of an entry with a body of `len` bytes and a common
+    /// content type (one not copied into it).
+    pub const fn weight_of_body(len: usize) -> usize {
+        len + ENTRY_OVERHEAD
     }
 
     pub fn encode(&self) -> Bytes {

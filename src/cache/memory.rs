@@ -89,11 +89,12 @@ struct Value {
 }
 
 impl Memory {
-    /// A cache of at most `max_bytes`, for entries of at most
+    /// A cache of at most `max_bytes`, for answers of at most
     /// `max_entry_bytes`.
     pub fn new(max_bytes: u64, max_entry_bytes: usize) -> Self {
+        let heaviest = (Entry::weight_of_body(max_entry_bytes) + SLOT_OVERHEAD) as u64;
         let mut n = MAX_SHARDS;
-        while n > 1 && max_bytes / n as u64 / 4 < max_entry_bytes as u64 {
+        while n > 1 && max_bytes / n as u64 / 4 < heaviest {
             n /= 2;
         }
         let shards = (0..n)
@@ -136,8 +137,9 @@ impl Memory {
 
     /// Stores an entry, replacing the key's (a refresh: its lifetime starts
     /// again), and evicts the least recently used past the bound. An entry
-    /// heavier than a shard's bound is not stored.
-    pub fn insert(&self, key: Key, stored: Stored) {
+    /// heavier than a shard's bound (a cache smaller than its largest
+    /// answer) is not stored: `false`.
+    pub fn insert(&self, key: Key, stored: Stored) -> bool {
         let now = Instant::now();
         let weight = (stored.entry.weight() + SLOT_OVERHEAD) as u64;
         let value = Value {
@@ -148,7 +150,7 @@ impl Memory {
         };
         let mut shard = self.shard(&key);
         if weight > shard.max_bytes {
-            return;
+            return false;
         }
         // The least recently used entry has had its chance: an expired
         // one goes now rather than waiting for its room to be needed.
@@ -195,6 +197,7 @@ impl Memory {
             let tail = shard.tail;
             shard.remove(tail);
         }
+        true
     }
 
     /// Removes every entry, or one model's; returns how many there were
@@ -376,7 +379,7 @@ mod tests {
     #[test]
     fn weight_stays_under_max_bytes() {
         let max = 1024 * 1024;
-        let memory = Memory::new(max, 16 * 1024);
+        let memory = Memory::new(max, 15 * 1024);
         assert_eq!(memory.shards.len(), 16);
         for i in 0..10_000 {
             memory.insert(key(i), stored("m", 200 + (i as usize * 37) % 1800, TEN_MINUTES));
@@ -407,10 +410,27 @@ mod tests {
         // An entry replaced is one entry, of its new weight.
         memory.insert(key(0), stored("m", 50, TEN_MINUTES));
         assert_eq!(memory.size(), (10, 10 * weight - 50));
-        // An entry heavier than the cache is not stored.
-        memory.insert(key(99), stored("m", 20_000, TEN_MINUTES));
+        // An entry heavier than the cache is not stored, and says so.
+        assert!(!memory.insert(key(99), stored("m", 20_000, TEN_MINUTES)));
         assert!(memory.get(&key(99)).is_none());
         assert_eq!(memory.size().0, 10);
+    }
+
+    /// A shard holds its largest answer with the overhead counted, even
+    /// where the overhead is most of the weight.
+    #[test]
+    fn a_shard_holds_an_answer_of_max_entry_bytes() {
+        for (max_bytes, max_entry_bytes) in [(6_400, 100), (1 << 20, 1 << 14), (1 << 30, 1 << 20), (1_000, 10)] {
+            let memory = Memory::new(max_bytes, max_entry_bytes);
+            let stored = stored("m", max_entry_bytes, TEN_MINUTES);
+            let fits = memory.insert(key(1), stored);
+            let room = max_bytes as usize / memory.shards.len();
+            assert!(
+                fits,
+                "{max_entry_bytes} bytes in {} shards of {room}",
+                memory.shards.len()
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -307,8 +307,7 @@ impl Cache {
             plan.counters.count(CacheResult::NotStored);
             return;
         }
-        plan.counters.count(CacheResult::Stored);
-        match &self.backend {
+        let stored = match &self.backend {
             Backend::Memory(m) => m.insert(
                 plan.key,
                 Stored {
@@ -326,8 +325,14 @@ impl Cache {
                         }
                     }
                 });
+                true
             }
-        }
+        };
+        plan.counters.count(if stored {
+            CacheResult::Stored
+        } else {
+            CacheResult::NotStored
+        });
     }
 
     /// Counts a request that could not use the backend (a failed call, or
@@ -537,13 +542,11 @@ mod tests {
         assert_eq!(cache_control(&headers("max-age=soon")), (false, false, None));
     }
 
-    /// The memory backend keeps a copy of the body, not the buffer the
-    /// answer was read into (which, from hyper, is a slice of a larger one).
-    #[test]
-    fn a_stored_body_is_a_copy_of_its_own() {
-        use futures_util::FutureExt;
+    /// A memory cache of `max_bytes`, and a plain request that it may
+    /// store, to model `m`.
+    fn memory_cache(max_bytes: u64) -> (Arc<Cache>, ModelCache, Arc<str>, Arc<ModelCounters>) {
         let config = CacheConfig {
-            backend: CacheBackend::Memory { max_bytes: 1 << 20 },
+            backend: CacheBackend::Memory { max_bytes },
             max_entry_bytes: 1 << 16,
             ttl: Duration::from_secs(60),
             scope: CacheScope::Key,
@@ -555,26 +558,46 @@ mod tests {
         };
         let model: Arc<str> = Arc::from("m");
         let counters = cache.metrics.for_model(&model);
-        let request = Request {
-            policy: &policy,
+        (cache, policy, model, counters)
+    }
+
+    fn request<'a>(policy: &'a ModelCache, model: &'a Arc<str>, counters: &'a Arc<ModelCounters>) -> Request<'a> {
+        static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+        Request {
+            policy,
             client: "app",
             endpoint: "/chat/completions",
-            model: &model,
-            counters: &counters,
+            model,
+            counters,
             targets: &[("up", "m-up")],
             stream: false,
             embeddings: false,
-            headers: &HeaderMap::new(),
+            headers: &NO_HEADERS,
             body: br#"{"messages":[]}"#,
-        };
-        let read_buffer = Bytes::from(vec![b'x'; 8192]);
-        let body = read_buffer.slice(..100);
-        let mut plan = cache.plan(&request);
+        }
+    }
+
+    /// Looks `request` up (a miss) and stores `body` as its answer.
+    fn miss_and_store(cache: &Arc<Cache>, request: &Request<'_>, body: Bytes) {
+        use futures_util::FutureExt;
+        let mut plan = cache.plan(request);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         let found = cache.lookup(&mut plan, false, deadline).now_or_never().unwrap();
         assert!(matches!(found, Ok(None)), "a miss");
-        let entry = plain_entry(http::StatusCode::OK, &HeaderMap::new(), body.clone(), None);
+        let entry = plain_entry(http::StatusCode::OK, &HeaderMap::new(), body, None);
         cache.store(&mut plan, entry);
+    }
+
+    /// The memory backend keeps a copy of the body, not the buffer the
+    /// answer was read into (which, from hyper, is a slice of a larger one).
+    #[test]
+    fn a_stored_body_is_a_copy_of_its_own() {
+        use futures_util::FutureExt;
+        let (cache, policy, model, counters) = memory_cache(1 << 20);
+        let request = request(&policy, &model, &counters);
+        let read_buffer = Bytes::from(vec![b'x'; 8192]);
+        let body = read_buffer.slice(..100);
+        miss_and_store(&cache, &request, body.clone());
         let stored = cache.get(&cache.plan(&request)).now_or_never().unwrap().expect("a hit");
         assert_eq!(stored.body, body);
         let within = read_buffer.as_ptr_range();
@@ -582,6 +605,19 @@ mod tests {
             !within.contains(&stored.body.as_ptr()),
             "not a slice of the read buffer"
         );
+    }
+
+    /// An answer within `max_entry_bytes` that a cache smaller than it
+    /// cannot hold is counted `not_stored`, not `stored`.
+    #[test]
+    fn an_answer_the_memory_cannot_hold_is_not_stored() {
+        let (cache, policy, model, counters) = memory_cache(1_000);
+        let request = request(&policy, &model, &counters);
+        miss_and_store(&cache, &request, Bytes::from(vec![b'x'; 2_000]));
+        assert_eq!(cache.metrics.get("m", CacheResult::NotStored), 1);
+        assert_eq!(cache.metrics.get("m", CacheResult::Stored), 0);
+        miss_and_store(&cache, &request, Bytes::from(vec![b'x'; 100]));
+        assert_eq!(cache.metrics.get("m", CacheResult::Stored), 1);
     }
 
     #[test]
