@@ -237,13 +237,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 fn vm_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024
+    common::process::proc_status_bytes("self", "VmRSS")
 }
 
 /// The soft and hard open-files limits, from /proc/self/limits.

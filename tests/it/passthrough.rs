@@ -9,7 +9,7 @@ use bytes::Bytes;
 use relaygate::sim::{download_bytes, sha256_hex, Faults, Sim};
 use serde_json::{json, Value};
 
-use crate::common::process::{temp_file, Proc, BIN};
+use crate::common::process::{proc_status_bytes, temp_file, Proc, BIN};
 use crate::common::*;
 
 const UPSTREAM_KEY_P: &str = "Bearer sk-upstream-p-secret-9876543210";
@@ -274,15 +274,26 @@ async fn the_upload_and_download_helpers_agree_with_the_sim_directly() {
     assert_ne!(other, sha256_hex(&download_bytes("file-1", 2 * MIB + 5)));
 }
 
-#[tokio::test]
-async fn max_passthrough_body_bytes_limits_uploads() {
+/// `max_passthrough_body_bytes` in the upload tests: small enough that the
+/// client can write the whole body into the socket's buffers before it
+/// reads an early 413.
+const UPLOAD_LIMIT: usize = 256 * 1024;
+
+/// A gateway over the chat upstream `a` and the pass-through upstream `p`
+/// (both returned, to keep them running), with uploads limited to
+/// `UPLOAD_LIMIT`.
+async fn upload_limited_gateway() -> (Sim, Sim, Gateway) {
     let a = Sim::start("a", Faults::default()).await.unwrap();
     let p = Sim::start("p", Faults::default()).await.unwrap();
-    // Small enough that the client can write the whole body into the
-    // socket's buffers before it reads an early 413.
-    let limit = 256 * 1024;
-    let config = with_passthrough_limit(with_passthrough(&[("a", &a), ("p", &p)], ""), limit);
+    let config = with_passthrough_limit(with_passthrough(&[("a", &a), ("p", &p)], ""), UPLOAD_LIMIT);
     let gw = Gateway::start(&config, &[]).await;
+    (a, p, gw)
+}
+
+#[tokio::test]
+async fn max_passthrough_body_bytes_limits_uploads() {
+    let (_a, p, gw) = upload_limited_gateway().await;
+    let limit = UPLOAD_LIMIT;
     let resp = upload(&gw.url, &vec![7u8; limit / 2]).await;
     assert_eq!(resp.status(), 200, "under the limit");
     let resp = upload(&gw.url, &vec![7u8; 2 * limit]).await;
@@ -294,11 +305,8 @@ async fn max_passthrough_body_bytes_limits_uploads() {
 /// streams: the upstream exchange is abandoned and the client gets a 413.
 #[tokio::test]
 async fn a_chunked_upload_over_the_limit_is_cut_with_a_413() {
-    let a = Sim::start("a", Faults::default()).await.unwrap();
-    let p = Sim::start("p", Faults::default()).await.unwrap();
-    let limit = 256 * 1024;
-    let config = with_passthrough_limit(with_passthrough(&[("a", &a), ("p", &p)], ""), limit);
-    let gw = Gateway::start(&config, &[]).await;
+    let (_a, p, gw) = upload_limited_gateway().await;
+    let limit = UPLOAD_LIMIT;
     let (content_type, body) = multipart_upload(&vec![7u8; 2 * limit]);
     let resp = client()
         .post(format!("{}/v1/audio/transcriptions", gw.url))
@@ -312,16 +320,9 @@ async fn a_chunked_upload_over_the_limit_is_cut_with_a_413() {
     assert_eq!(p.last_upload(), None, "the upstream never got a whole file");
 }
 
-/// Peak resident memory of a process, from `/proc/<pid>/status`.
+/// Peak resident memory of a process.
 fn vm_hwm_bytes(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: usize = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .map(|v| v.trim().parse().unwrap())
-        .expect("VmHWM in /proc/<pid>/status");
-    kib * 1024
+    proc_status_bytes(&pid.to_string(), "VmHWM") as usize
 }
 
 /// Measured on the real binary as a child process, by its peak RSS (VmHWM).

@@ -23,6 +23,20 @@ pub fn temp_file(name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// A memory figure of a process (`pid`, or `"self"`) from
+/// `/proc/<pid>/status`, in bytes: `field` is `"VmRSS"` (resident now) or
+/// `"VmHWM"` (its peak).
+pub fn proc_status_bytes(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    kib * 1024
+}
+
 /// A running `relaygate` process and the address it printed.
 pub struct Proc {
     pub child: Child,
